@@ -1,0 +1,1 @@
+"""Where it runs: Ray actors and the protocol for what crosses actor boundaries. Never imports raysim."""

@@ -1,0 +1,78 @@
+"""ClientWorker: keeps the frozen base model resident and serves many virtual clients,
+folding their results in client-id order into one partial per call."""
+from __future__ import annotations
+
+import os
+import resource
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from actors.protocol import ClientContext, tensors_nbytes
+from actors.state_store import ClientStateStore
+
+
+@dataclass
+class Partial:
+    worker: int
+    acc: Any
+    client_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
+    num_examples: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    compute_s: float = 0.0
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class ClientWorker:
+    def __init__(
+        self,
+        algorithm: Any,
+        index: int,
+        seed_fn: Callable[[int, int], int],
+        state_root: str | None,
+        resume_round: int | None,
+        torch_threads: int,
+    ):
+        warnings.filterwarnings("ignore", category=UserWarning)
+        torch.set_num_threads(torch_threads)
+        self.algorithm = algorithm
+        self.index = index
+        self.seed_fn = seed_fn
+        self.store = ClientStateStore(state_root, resume_round)
+        self.resident = None
+
+    def ready(self) -> int:
+        """Build the resident model now, so the first round does not pay for it."""
+        if self.resident is None:
+            self.resident = self.algorithm.build_resident()
+        return os.getpid()
+
+    def run(self, msg, client_ids: list[int]) -> Partial:
+        self.ready()
+        t0 = time.perf_counter()
+        part = Partial(self.index, self.algorithm.zero(msg))
+        for cid in sorted(client_ids):
+            state = self.store.get(cid)
+            ctx = ClientContext(cid, msg.round, self.seed_fn(msg.round, cid), None, self.resident, state)
+            result = self.algorithm.client_step(ctx, msg)
+            part.acc = self.algorithm.accumulate(part.acc, result)
+            part.client_metrics[cid] = dict(result.metrics)
+            part.num_examples += result.num_examples
+            part.bytes_up += tensors_nbytes(result.tensors)
+            part.bytes_down += self.algorithm.bytes_down(msg, cid)
+            self.store.put(cid, msg.round, ctx.state)
+        part.compute_s = time.perf_counter() - t0
+        return part
+
+    def peak_rss_mb(self) -> float:
+        return peak_rss_mb()
+
+    def pid(self) -> int:
+        return os.getpid()

@@ -1,0 +1,1 @@
+"""What is trained: model builders. Imports neither Ray nor raysim."""

@@ -1,0 +1,90 @@
+"""FedAvg on LoRA adapters of a dual-encoder VLM (McMahan et al. 2017), with
+heterogeneous client ranks aggregated per `algorithm.lora_aggregation`."""
+from __future__ import annotations
+
+import shutil
+from functools import cached_property
+from pathlib import Path
+
+from actors.protocol import Broadcast, ClientContext, ClientResult, Tensors
+from raysim import aggregation as agg
+from raysim import vlm_lora
+from raysim.config import ExperimentConfig
+from raysim.data import FederatedData
+from raysim.pretrain import pretrained_base_dir
+from models.lora import save_adapter
+
+
+class FedAvg:
+    """`prox_mu` > 0 adds FedProx's proximal term (see fedprox.py)."""
+
+    def __init__(self, cfg: ExperimentConfig, prox_mu: float = 0.0):
+        self.cfg = cfg
+        self.prox_mu = prox_mu
+
+    def __getstate__(self):  # ship only the settings to workers; they rebuild the rest
+        return {"cfg": self.cfg, "prox_mu": self.prox_mu}
+
+    @cached_property
+    def data(self) -> FederatedData:
+        c = self.cfg
+        return FederatedData(c.data, c.clients.total, c.model.max_text_len, c.seed)
+
+    @cached_property
+    def _eval_resident(self) -> vlm_lora.Resident:
+        return vlm_lora.build_resident(self.cfg, self.data)
+
+    # --- driver side ----------------------------------------------------------------
+    def init_server(self) -> Tensors:
+        return vlm_lora.initial_adapter(self._eval_resident, self.cfg)
+
+    def broadcast(self, state: Tensors, round: int, client_ids: list[int]) -> Broadcast:
+        return Broadcast(round=round, tensors=state)
+
+    def finalize(self, state: Tensors, acc: agg.WeightedSum) -> Tensors:
+        return vlm_lora.adapter_fold_result(acc, self.cfg)
+
+    def evaluate(self, state: Tensors) -> dict[str, float]:
+        return vlm_lora.evaluate_adapter(self._eval_resident, self.cfg, state)
+
+    def state_tensors(self, state: Tensors) -> Tensors:
+        return state
+
+    def load_state_tensors(self, tensors: Tensors) -> Tensors:
+        return tensors
+
+    def save_final(self, state: Tensors, run_dir: Path) -> None:
+        """run_dir/adapter loads with PeftModel.from_pretrained(base, run_dir/adapter), the
+        base being run_dir/base_model (a copy of the pre-trained checkpoint)."""
+        name = vlm_lora.adapter_name(vlm_lora.max_rank(self.cfg))
+        save_adapter(self._eval_resident.model, name, state, run_dir / "adapter")
+        shutil.copytree(pretrained_base_dir(self.cfg), run_dir / "base_model", dirs_exist_ok=True)
+
+    # --- worker side ----------------------------------------------------------------
+    def build_resident(self) -> vlm_lora.Resident:
+        return vlm_lora.build_resident(self.cfg, self.data)
+
+    def bytes_down(self, msg: Broadcast, client_id: int) -> int:
+        rank = vlm_lora.client_rank(self.cfg, client_id)
+        sent = vlm_lora.for_client(msg.tensors, rank, vlm_lora.max_rank(self.cfg))
+        return sum(t.numel() * t.element_size() for t in sent.values())
+
+    def client_step(self, ctx: ClientContext, msg: Broadcast) -> ClientResult:
+        rank = vlm_lora.client_rank(self.cfg, ctx.client_id)
+        start = vlm_lora.for_client(msg.tensors, rank, vlm_lora.max_rank(self.cfg))
+        tensors, metrics = vlm_lora.local_train(
+            ctx.resident, self.cfg, ctx.client_id, ctx.seed, start, ctx.state, prox_mu=self.prox_mu
+        )
+        return ClientResult(ctx.client_id, len(ctx.resident.data.client_partition[ctx.client_id]), tensors, metrics)
+
+    def zero(self, msg: Broadcast) -> agg.WeightedSum:
+        return agg.ws_zero()
+
+    def accumulate(self, acc: agg.WeightedSum, result: ClientResult) -> agg.WeightedSum:
+        return vlm_lora.adapter_fold_add(acc, result.tensors, float(result.num_examples), self.cfg)
+
+    def merge(self, a: agg.WeightedSum, b: agg.WeightedSum) -> agg.WeightedSum:
+        return agg.ws_merge(a, b)
+
+
+ALGORITHM = FedAvg

@@ -1,0 +1,127 @@
+"""`raysim run CONFIG [key=value ...] [--out DIR] [--resume]` and `raysim pretrain CONFIG`.
+
+Bad input (config, overrides, run directory, checkpoints) ends with one clear
+paragraph on stderr and exit code 2, never a traceback."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="raysim", description="Federated fine-tuning of vision-language models on Ray.")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a federated experiment")
+    run.add_argument("config", help="experiment YAML, e.g. configs/quickstart.yaml")
+    run.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. rounds=5 runtime.num_workers=0")
+    run.add_argument("--out", help="run directory (default: runs/<config name>)")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    run.add_argument("--quiet", action="store_true", help="no progress display")
+    pre = sub.add_parser("pretrain", help="pre-train (or find cached) the base model of a config")
+    pre.add_argument("config")
+    pre.add_argument("overrides", nargs="*")
+    return p
+
+
+def _fail(message: str) -> int:
+    print(f"raysim: error: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    # Imported here so `raysim --help` and config errors come back fast.
+    from raysim.checkpoint import CheckpointError
+    from raysim.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.command == "pretrain":
+            return _pretrain(cfg)
+        return _run(cfg, args)
+    except (ConfigError, CheckpointError) as err:
+        return _fail(str(err))
+    except KeyboardInterrupt:
+        print("raysim: interrupted; resume with --resume", file=sys.stderr)
+        return 130
+
+
+def _pretrain(cfg) -> int:
+    from raysim.pretrain import pretrained_base_dir
+
+    t0 = time.perf_counter()
+    path = pretrained_base_dir(cfg)
+    print(f"base model: {path} ({time.perf_counter() - t0:.1f}s)")
+    return 0
+
+
+def _run(cfg, args) -> int:
+    from rich.console import Console
+
+    from raysim.report import summary_table
+
+    console = Console(stderr=False, quiet=args.quiet)
+    out = Path(args.out or Path("runs") / cfg.name)
+    rt = cfg.runtime
+    if rt.num_workers == 0:
+        from raysim.engine import Engine
+
+        engine = Engine(cfg.to_dict(), str(out), args.resume)
+        call = lambda method, *a: getattr(engine, method)(*a)  # noqa: E731
+        shutdown = lambda: None  # noqa: E731
+    else:
+        import ray
+
+        from actors.driver import Driver
+        from raysim.engine import Engine
+
+        os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+        if not ray.is_initialized():
+            if rt.ray_address:
+                ray.init(address=rt.ray_address, logging_level="ERROR")
+            else:
+                ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
+        driver = Driver.remote(Engine, cfg.to_dict(), str(out.resolve()), args.resume)
+
+        def call(method, *a):
+            try:
+                return ray.get(driver.call.remote(method, *a))
+            except ray.exceptions.RayTaskError as err:
+                cause = err.cause if hasattr(err, "cause") else None
+                if cause is not None and type(cause).__name__ in ("ConfigError", "CheckpointError"):
+                    raise cause from None
+                raise
+
+        shutdown = lambda: ray.kill(driver)  # noqa: E731
+
+    status = call("start")
+    _show(console, status["last"], cfg.rounds)
+    while not call("done"):
+        _show(console, call("run_round"), cfg.rounds)
+    from actors.worker import peak_rss_mb
+
+    summary = call("finish", peak_rss_mb() if rt.num_workers else 0.0)
+    shutdown()
+    console.print(summary_table(summary))
+    console.print(f"run directory: {out}")
+    return 0
+
+
+def _show(console, rec: dict, rounds: int) -> None:
+    parts = [f"round {rec['round']:>3}/{rounds}"]
+    for k in ("accuracy", "i2t_r1", "t2i_r1", "train_loss"):
+        if k in rec:
+            parts.append(f"{k} {rec[k]:.3f}")
+    if rec["round"]:
+        parts.append(f"{rec['wall_s']:.2f}s")
+        parts.append(f"up {rec['bytes_up'] / 1e3:.0f} kB")
+    console.print("  ".join(parts), soft_wrap=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""Experiment configs: YAML validated into typed models, every problem reported at once."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(Exception):
+    """A user-facing configuration problem; the CLI prints it and exits with code 2."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ClientsConfig(_Strict):
+    total: int = Field(50, ge=1, description="number of (virtual) clients")
+    per_round: int = Field(10, ge=1, description="clients sampled each round")
+
+
+class DataConfig(_Strict):
+    dataset: Literal["digits"] = "digits"
+    image_size: int = Field(32, ge=8, le=224)
+    partition: Literal["iid", "dirichlet"] = "dirichlet"
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (label skew)")
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    # Share of each class's non-test examples held out for central pre-training (clients
+    # never see them): skewed towards digits 0-4 so federated training has something to
+    # learn, with a few of every class because a base that never saw a class barely learns it.
+    pretrain_class_share: list[float] = Field(default_factory=lambda: [0.55] * 5 + [0.05] * 5)
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        if len(self.pretrain_class_share) != 10 or not all(0 <= s < 1 for s in self.pretrain_class_share):
+            raise ValueError(
+                f"data.pretrain_class_share needs 10 shares in [0, 1), one per digit, got {self.pretrain_class_share}"
+            )
+        return self
+
+
+class ModelConfig(_Strict):
+    # tiny_clip: random-init CLIPModel from a CLIPConfig built from the fields below.
+    # pretrained: any Hugging Face dual-encoder checkpoint directory (CLIP, VisionTextDualEncoder).
+    kind: Literal["tiny_clip", "pretrained"] = "tiny_clip"
+    path: Optional[str] = None
+    hidden_size: int = Field(64, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    intermediate_size: int = Field(128, ge=8)
+    projection_dim: int = Field(64, ge=4)
+    patch_size: int = Field(8, ge=1)
+    max_text_len: int = Field(16, ge=4)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        if self.kind == "pretrained" and not self.path:
+            raise ValueError("model.kind 'pretrained' needs model.path (a checkpoint directory)")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads})"
+            )
+        return self
+
+
+class PretrainConfig(_Strict):
+    enabled: bool = True
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+
+
+class LoraConfig(_Strict):
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    # Trained in full and averaged like any tensor (peft modules_to_save).
+    modules_to_save: list[str] = Field(default_factory=lambda: ["visual_projection", "text_projection"])
+    # Heterogeneous ranks: client i uses client_ranks[i % len]. Empty = everyone uses r.
+    client_ranks: list[int] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self) -> "LoraConfig":
+        if any(r < 1 for r in self.client_ranks):
+            raise ValueError(f"lora.client_ranks must all be >= 1, got {self.client_ranks}")
+        if not self.target_modules:
+            raise ValueError("lora.target_modules must name at least one module")
+        return self
+
+
+class TrainConfig(_Strict):
+    local_epochs: int = Field(2, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    # Keep each client's AdamW moments on its worker between rounds.
+    keep_optimizer_state: bool = True
+
+
+class AlgorithmConfig(_Strict):
+    # A name under raysim/algorithms/ (fedavg, fedprox) or a dotted path "pkg.module:Class".
+    name: str = "fedavg"
+    mu: float = Field(0.01, ge=0, description="FedProx proximal weight")
+    # How LoRA factors are combined: 'factors' averages A and B separately (FedAvg as
+    # Flower/FATE do it), 'product' averages B@A and re-factors by SVD, 'hetlora'
+    # zero-pads ranks. With client_ranks set, 'factors' is rejected.
+    lora_aggregation: Literal["factors", "product", "hetlora"] = "factors"
+    server_lr: float = Field(1.0, gt=0)
+
+
+class RuntimeConfig(_Strict):
+    num_workers: int = Field(2, ge=0, description="0 = local mode: one process, no Ray")
+    placement: Literal["pooled", "dedicated"] = "pooled"
+    num_cpus_per_worker: float = Field(1.0, ge=0)
+    num_gpus_per_worker: float = Field(0.0, ge=0)
+    torch_threads: int = Field(1, ge=1, description="torch threads inside each worker")
+    ray_address: Optional[str] = None  # None: start an embedded local Ray
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+
+
+class EvalConfig(_Strict):
+    every: int = Field(1, ge=1)
+    batch_size: int = Field(256, ge=1)
+
+
+class CheckpointConfig(_Strict):
+    every: int = Field(1, ge=1)
+    keep_last: int = Field(3, ge=1)
+
+
+class ExperimentConfig(_Strict):
+    name: str = "experiment"
+    seed: int = 0
+    rounds: int = Field(20, ge=1)
+    clients: ClientsConfig = ClientsConfig()
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    lora: LoraConfig = LoraConfig()
+    train: TrainConfig = TrainConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    eval: EvalConfig = EvalConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "ExperimentConfig":
+        problems = []
+        if self.clients.per_round > self.clients.total:
+            problems.append(
+                f"clients.per_round ({self.clients.per_round}) exceeds clients.total "
+                f"({self.clients.total}); sample at most as many clients as exist"
+            )
+        if self.lora.client_ranks and self.algorithm.lora_aggregation == "factors":
+            problems.append(
+                "lora.client_ranks gives clients different ranks, which "
+                "algorithm.lora_aggregation 'factors' cannot average; use 'product' or 'hetlora'"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def fingerprint(self, *sections: str) -> str:
+        """Stable hash of the named sections (all if none), e.g. for cache keys."""
+        d = self.to_dict()
+        if sections:
+            d = {k: d[k] for k in sections}
+        blob = json.dumps(d, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not of the form key.sub=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{item}' has an empty key; write key.sub=value")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    data = json.loads(json.dumps(data))  # deep copy, plain types
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{item}': '{part}' is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key; check its spelling against configs/quickstart.yaml"
+        got = e.get("input")
+        shown = "" if e["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  - {loc}: {msg}{shown}")
+    return f"invalid config {source}:\n" + "\n".join(lines)
+
+
+def config_from_dict(data: Any, source: str = "<dict>") -> ExperimentConfig:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config {source}: the top level must be a mapping of keys, got {type(data).__name__}")
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass a YAML file such as configs/quickstart.yaml")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"invalid config {path}: the top level must be a mapping of keys")
+    data = apply_overrides(data or {}, overrides or [])
+    return config_from_dict(data, str(path))
+
+
+def save_config(cfg: ExperimentConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,201 @@
+"""The round loop: sample, broadcast, run clients, fold, evaluate, checkpoint, log.
+It runs in the Driver actor (Ray) or in the CLI's process (local mode); the code is
+the same, only the pool of client executors differs."""
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import time
+from pathlib import Path
+
+import yaml
+
+from actors.pool import LocalPool, RayPool
+from actors.worker import peak_rss_mb
+from raysim import algorithms
+from raysim.checkpoint import load_latest, save_checkpoint
+from raysim.config import ConfigError, ExperimentConfig, config_from_dict, save_config
+from raysim.seeding import derive_seed, sample_clients
+
+# Keys that may differ between the original run and its --resume: more rounds, another
+# runtime (e.g. resume on a different cluster), evaluation and checkpoint cadence.
+_RESUMABLE_KEYS = {"rounds", "runtime", "eval", "checkpoint", "name"}
+
+
+def _diff(a, b, prefix="") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [f"{prefix[:-1]} ({a!r} in the run directory, {b!r} now)"]
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.metrics = self.path / "metrics.jsonl"
+        self.client_state = self.path / "client_state"
+
+    def prepare(self, cfg: ExperimentConfig, resume: bool) -> None:
+        p = self.path
+        if resume:
+            saved = p / "config.yaml"
+            if not saved.is_file():
+                raise ConfigError(f"--resume: {p} holds no run (no config.yaml); drop --resume to start one there")
+            old = config_from_dict(yaml.safe_load(saved.read_text()), str(saved)).to_dict()
+            new = cfg.to_dict()
+            diffs = [d for k in sorted(set(old) - _RESUMABLE_KEYS) for d in _diff(old[k], new.get(k), k + ".")]
+            if diffs:
+                raise ConfigError(
+                    f"--resume: the checkpoint directory {p} was made by a different config: "
+                    + "; ".join(diffs)
+                    + ". Resume with the original config, or start a new run with another --out."
+                )
+        elif p.exists() and any(p.iterdir()):
+            raise ConfigError(
+                f"run directory {p} is not empty; pass --resume to continue that run, or choose another --out "
+                "(nothing there was changed)"
+            )
+        p.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, p / "config.yaml")
+
+    def truncate_metrics(self, last_round: int) -> list[dict]:
+        """Keep the records of rounds <= last_round (a resumed run rewrites later ones)."""
+        if not self.metrics.is_file():
+            return []
+        kept = [r for r in map(json.loads, self.metrics.read_text().splitlines()) if r["round"] <= last_round]
+        self.metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        return kept
+
+    def append(self, record: dict) -> None:
+        with open(self.metrics, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def records(self) -> list[dict]:
+        return [json.loads(line) for line in self.metrics.read_text().splitlines()] if self.metrics.is_file() else []
+
+
+class Engine:
+    def __init__(self, cfg_dict: dict, run_dir: str, resume: bool):
+        self.t_start = time.perf_counter()
+        self.cfg = cfg = config_from_dict(cfg_dict)
+        self.run = RunDir(run_dir)
+        self.run.prepare(cfg, resume)
+        self.algorithm = algorithms.load(cfg.algorithm.name)(cfg)
+        ckpt = load_latest(self.run.path) if resume else None
+        if ckpt is None:
+            self.round = 0
+            self.state = self.algorithm.init_server()
+            self.history = self.run.truncate_metrics(-1)
+        else:
+            self.round, tensors, _ = ckpt
+            self.state = self.algorithm.load_state_tensors(tensors)
+            self.history = self.run.truncate_metrics(self.round)
+        seed_fn = functools.partial(derive_seed, cfg.seed)
+        resume_round = self.round if resume else None
+        state_root = str(self.run.client_state)
+        if not resume:
+            shutil.rmtree(state_root, ignore_errors=True)
+        rt = cfg.runtime
+        if rt.num_workers == 0:
+            self.pool = LocalPool(self.algorithm, seed_fn, state_root, resume_round)
+        else:
+            self.pool = RayPool(
+                self.algorithm,
+                seed_fn,
+                state_root,
+                resume_round,
+                num_clients=cfg.clients.total,
+                num_workers=rt.num_workers,
+                placement=rt.placement,
+                num_cpus=rt.num_cpus_per_worker,
+                num_gpus=rt.num_gpus_per_worker,
+                torch_threads=rt.torch_threads,
+            )
+        self.pool.start()
+        self.setup_s = time.perf_counter() - self.t_start
+
+    # The CLI drives these one at a time so it can show progress between calls.
+    def start(self) -> dict:
+        """Evaluate the starting model (round 0) unless resuming; return the latest record."""
+        if not self.history:
+            t0 = time.perf_counter()
+            metrics = self.algorithm.evaluate(self.state)
+            record = {"round": 0, "wall_s": 0.0, "clients": [], "bytes_up": 0, "bytes_down": 0, **metrics}
+            record["eval_s"] = time.perf_counter() - t0
+            self.run.append(record)
+            self.history.append(record)
+        return {"round": self.round, "total_rounds": self.cfg.rounds, "last": self.history[-1]}
+
+    def done(self) -> bool:
+        return self.round >= self.cfg.rounds
+
+    def run_round(self) -> dict:
+        cfg = self.cfg
+        r = self.round + 1
+        t0 = time.perf_counter()
+        client_ids = sample_clients(cfg.seed, r, cfg.clients.total, cfg.clients.per_round)
+        msg = self.algorithm.broadcast(self.state, r, client_ids)
+        out = self.pool.run_round(msg, client_ids)
+        t_agg = time.perf_counter()
+        self.state = self.algorithm.finalize(self.state, out.acc)
+        aggregate_s = out.merge_s + time.perf_counter() - t_agg
+        record = {
+            "round": r,
+            "clients": client_ids,
+            "num_examples": out.num_examples,
+            "bytes_up": out.bytes_up,
+            "bytes_down": out.bytes_down,
+        }
+        losses = [m["train_loss"] for m in out.client_metrics.values() if m.get("train_loss") == m.get("train_loss")]
+        record["train_loss"] = sum(losses) / len(losses) if losses else float("nan")
+        t_eval = time.perf_counter()
+        if r % cfg.eval.every == 0 or r == cfg.rounds:
+            record.update(self.algorithm.evaluate(self.state))
+        eval_s = time.perf_counter() - t_eval
+        t_ckpt = time.perf_counter()
+        if r % cfg.checkpoint.every == 0 or r == cfg.rounds:
+            save_checkpoint(
+                self.run.path, r, self.algorithm.state_tensors(self.state), {"seed": cfg.seed}, cfg.checkpoint.keep_last
+            )
+        checkpoint_s = time.perf_counter() - t_ckpt
+        record.update(
+            compute_s=out.compute_s,
+            wait_s=out.wait_s,
+            aggregate_s=aggregate_s,
+            eval_s=eval_s,
+            checkpoint_s=checkpoint_s,
+            wall_s=time.perf_counter() - t0,
+        )
+        self.round = r
+        self.run.append(record)
+        self.history.append(record)
+        return record
+
+    def finish(self, extra_peak_mb: float = 0.0) -> dict:
+        from raysim.report import write_curves
+
+        if hasattr(self.algorithm, "save_final"):
+            self.algorithm.save_final(self.state, self.run.path)
+        write_curves(self.history, self.run.path / "curves.png")
+        metric_keys = [k for k in self.history[0] if isinstance(self.history[0][k], float) and not k.endswith("_s")]
+        evaluated = [h for h in self.history if all(k in h for k in metric_keys)]
+        workers = self.pool.peak_rss_mb()
+        driver = peak_rss_mb()
+        summary = {
+            "algorithm": self.cfg.algorithm.name,
+            "rounds": self.round,
+            "initial": {k: evaluated[0][k] for k in metric_keys},
+            "final": {k: evaluated[-1][k] for k in metric_keys},
+            "wall_s": time.perf_counter() - self.t_start,
+            "setup_s": self.setup_s,
+            "bytes_up": sum(h["bytes_up"] for h in self.history),
+            "bytes_down": sum(h["bytes_down"] for h in self.history),
+            "peak_rss_mb": driver + sum(workers) + extra_peak_mb,
+            "peak_rss_mb_by_process": {"driver": driver, "workers": workers, "cli": extra_peak_mb},
+        }
+        (self.run.path / "summary.json").write_text(json.dumps(summary, indent=1))
+        self.pool.shutdown()
+        return summary

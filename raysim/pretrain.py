@@ -1,0 +1,100 @@
+"""Central, deterministic pre-training of the base dual encoder on the held-out split,
+cached on disk by a hash of what determines it. LoRA on a random tiny CLIP stays at
+chance, so federated runs start from this base."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+
+from models.clip import build_tiny_clip, contrastive_loss, tiny_clip_config
+from raysim.config import ExperimentConfig
+from raysim.data import BOS, EOS, PAD, FederatedData
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("RAYSIM_CACHE", Path.home() / ".cache" / "raysim"))
+
+
+def base_config(cfg: ExperimentConfig, data: FederatedData):
+    m = cfg.model
+    return tiny_clip_config(
+        vocab_size=data.tokenizer.vocab_size,
+        max_text_len=m.max_text_len,
+        image_size=cfg.data.image_size,
+        patch_size=m.patch_size,
+        hidden_size=m.hidden_size,
+        num_layers=m.num_layers,
+        num_heads=m.num_heads,
+        intermediate_size=m.intermediate_size,
+        projection_dim=m.projection_dim,
+        pad_token_id=PAD,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+    )
+
+
+def pretrain_key(cfg: ExperimentConfig) -> str:
+    # The base depends on the model, the data split and the pre-training recipe, and on the
+    # seed; not on rounds, clients, LoRA or runtime.
+    d = cfg.to_dict()
+    sub = {k: d[k] for k in ("model", "pretrain", "seed")}
+    sub["data"] = {k: d["data"][k] for k in ("dataset", "image_size", "test_fraction", "pretrain_class_share")}
+    return hashlib.sha256(json.dumps(sub, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def train_base(cfg: ExperimentConfig, data: FederatedData, log=print):
+    """Full-parameter CLIP-loss training on the pretrain split; deterministic for a seed."""
+    p = cfg.pretrain
+    model = build_tiny_clip(base_config(cfg, data), seed=cfg.seed)
+    if not p.enabled:
+        return model
+    split = data.pretrain
+    opt = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model.train()
+    t0 = time.perf_counter()
+    for epoch in range(p.epochs):
+        order = torch.randperm(len(split), generator=gen)
+        for start in range(0, len(order), p.batch_size):
+            b = order[start : start + p.batch_size]
+            if len(b) < 2:
+                continue
+            loss = contrastive_loss(model, split.images[b], split.input_ids[b], split.attention_mask[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        if epoch == p.epochs - 1 or epoch % 5 == 0:
+            log(f"pretrain epoch {epoch + 1}/{p.epochs} loss {loss.item():.3f} ({time.perf_counter() - t0:.1f}s)")
+    model.eval()
+    return model
+
+
+def pretrained_base_dir(cfg: ExperimentConfig, data: FederatedData | None = None, log=print) -> Path:
+    """Directory of the cached base checkpoint (save_pretrained format), built if missing."""
+    if cfg.model.kind == "pretrained":
+        return Path(cfg.model.path)
+    target = cache_root() / "pretrain" / pretrain_key(cfg)
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / "config.json").is_file():
+            return target
+        if data is None:
+            data = FederatedData(cfg.data, cfg.clients.total, cfg.model.max_text_len, cfg.seed)
+        model = train_base(cfg, data, log=log)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+        try:
+            model.save_pretrained(str(tmp), safe_serialization=True)
+            tmp.rename(target)  # atomic: readers see a complete checkpoint or none
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
