@@ -34,7 +34,7 @@ def activate(peft_model: PeftModel, name: str) -> None:
 
 def adapter_state(peft_model: PeftModel, name: str) -> dict[str, torch.Tensor]:
     sd = get_peft_model_state_dict(peft_model, adapter_name=name)
-    return {k: v.detach().clone() for k, v in sd.items()}
+    return {k: v.detach().to("cpu", copy=True) for k, v in sd.items()}  # results travel from CPU memory
 
 
 def load_adapter_state(peft_model: PeftModel, name: str, tensors: dict[str, torch.Tensor]) -> None:

@@ -99,14 +99,16 @@ def _run(cfg, args) -> int:
 
         shutdown = lambda: ray.kill(driver)  # noqa: E731
 
-    status = call("start")
-    _show(console, status["last"], cfg.rounds)
-    while not call("done"):
-        _show(console, call("run_round"), cfg.rounds)
     from actors.worker import peak_rss_mb
+    from raysim.memory import PeakMemorySampler
 
-    summary = call("finish", peak_rss_mb() if rt.num_workers else 0.0)
-    shutdown()
+    with PeakMemorySampler() as memory:
+        status = call("start")
+        _show(console, status["last"], cfg.rounds)
+        while not call("done"):
+            _show(console, call("run_round"), cfg.rounds)
+        summary = call("finish", peak_rss_mb() if rt.num_workers else 0.0, memory.sample())
+        shutdown()
     console.print(summary_table(summary))
     console.print(f"run directory: {out}")
     return 0

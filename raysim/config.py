@@ -111,7 +111,8 @@ class AlgorithmConfig(_Strict):
     # Flower/FATE do it), 'product' averages B@A and re-factors by SVD, 'hetlora'
     # zero-pads ranks. With client_ranks set, 'factors' is rejected.
     lora_aggregation: Literal["factors", "product", "hetlora"] = "factors"
-    server_lr: float = Field(1.0, gt=0)
+    # Algorithm-specific settings, validated by the algorithm module's `Options` model.
+    options: dict[str, Any] = Field(default_factory=dict)
 
 
 class RuntimeConfig(_Strict):
@@ -227,9 +228,34 @@ def config_from_dict(data: Any, source: str = "<dict>") -> ExperimentConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"invalid config {source}: the top level must be a mapping of keys, got {type(data).__name__}")
     try:
-        return ExperimentConfig.model_validate(data)
+        cfg = ExperimentConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_errors(err, source)) from None
+    algorithm_options(cfg, source)
+    return cfg
+
+
+def algorithm_options(cfg: ExperimentConfig, source: str = "<config>"):
+    """The algorithm's validated `algorithm.options` (None if it declares no Options model)."""
+    from raysim import algorithms
+
+    try:
+        module = algorithms.module_of(cfg.algorithm.name)
+    except ValueError as err:
+        raise ConfigError(f"invalid config {source}:\n  - algorithm.name: {err}") from None
+    model = getattr(module, "Options", None)
+    if model is None:
+        if cfg.algorithm.options:
+            raise ConfigError(
+                f"invalid config {source}:\n  - algorithm.options: {cfg.algorithm.name} takes no options, "
+                f"got {sorted(cfg.algorithm.options)}"
+            )
+        return None
+    try:
+        return model.model_validate(cfg.algorithm.options)
+    except ValidationError as err:
+        text = _format_errors(err, source).replace("\n  - ", "\n  - algorithm.options.")
+        raise ConfigError(text) from None
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:

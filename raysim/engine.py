@@ -174,7 +174,9 @@ class Engine:
         self.history.append(record)
         return record
 
-    def finish(self, extra_peak_mb: float = 0.0) -> dict:
+    def finish(self, cli_peak_rss_mb: float = 0.0, run_peak_pss_mb: float | None = None) -> dict:
+        """`cli_peak_rss_mb`: the CLI process when it is not this one (Ray mode);
+        `run_peak_pss_mb`: the CLI's sampler over every process of the run."""
         from raysim.report import write_curves
 
         if hasattr(self.algorithm, "save_final"):
@@ -193,8 +195,11 @@ class Engine:
             "setup_s": self.setup_s,
             "bytes_up": sum(h["bytes_up"] for h in self.history),
             "bytes_down": sum(h["bytes_down"] for h in self.history),
-            "peak_rss_mb": driver + sum(workers) + extra_peak_mb,
-            "peak_rss_mb_by_process": {"driver": driver, "workers": workers, "cli": extra_peak_mb},
+            # Sum of per-process peaks (counts shared pages in every process: an upper bound).
+            "peak_rss_mb": driver + sum(workers) + cli_peak_rss_mb,
+            "peak_rss_mb_by_process": {"driver": driver, "workers": workers, "cli": cli_peak_rss_mb},
+            # Peak of the whole process tree at one moment, shared pages counted once.
+            "peak_memory_mb": run_peak_pss_mb,
         }
         (self.run.path / "summary.json").write_text(json.dumps(summary, indent=1))
         self.pool.shutdown()

@@ -52,6 +52,18 @@ class Resident:
 
     model: object  # PeftModel with one adapter per rank in use
     data: FederatedData
+    device: torch.device
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            "runtime.device is 'cuda' but this process sees no CUDA device; give workers GPUs with "
+            "runtime.num_gpus_per_worker > 0, or set runtime.device=cpu"
+        )
+    return torch.device(name)
 
 
 def build_resident(cfg: ExperimentConfig, data: FederatedData) -> Resident:
@@ -67,7 +79,8 @@ def build_resident(cfg: ExperimentConfig, data: FederatedData) -> Resident:
     torch.manual_seed(cfg.seed)
     model = add_lora(base, configs)
     model.eval()
-    return Resident(model, data)
+    device = resolve_device(cfg.runtime.device)
+    return Resident(model.to(device), data, device)
 
 
 def initial_adapter(resident: Resident, cfg: ExperimentConfig) -> Tensors:
@@ -82,7 +95,7 @@ def _flat_optimizer_state(opt: torch.optim.Optimizer) -> Tensors:
     out = {}
     for idx, st in opt.state_dict()["state"].items():
         for name, value in st.items():
-            out[f"optim.{idx}.{name}"] = torch.as_tensor(value).clone()
+            out[f"optim.{idx}.{name}"] = torch.as_tensor(value).detach().to("cpu", copy=True)
     return out
 
 
@@ -128,7 +141,8 @@ def local_train(
             b = order[s : s + t.batch_size]
             if len(b) < 2:  # a contrastive loss needs at least one negative
                 continue
-            loss = contrastive_loss(model, data.images[b], data.input_ids[b], data.attention_mask[b])
+            dev = resident.device
+            loss = contrastive_loss(model, data.images[b].to(dev), data.input_ids[b].to(dev), data.attention_mask[b].to(dev))
             if anchors is not None:
                 loss = loss + prox_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
             opt.zero_grad(set_to_none=True)
@@ -165,20 +179,23 @@ def adapter_fold_result(acc: agg.WeightedSum, cfg: ExperimentConfig) -> Tensors:
 # --- evaluation ----------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate_dual_encoder(model, data: FederatedData, batch_size: int) -> dict[str, float]:
+def evaluate_dual_encoder(model, data: FederatedData, batch_size: int, device=torch.device("cpu")) -> dict[str, float]:
     """Zero-shot accuracy against class prompts and Recall@1 both ways on the test split.
     Identical captions are indistinguishable, so retrieving any pair whose caption text
     equals the query's own caption counts as a hit."""
     test = data.test
-    img = torch.cat([encode_images(model, test.images[s : s + batch_size]) for s in range(0, len(test), batch_size)])
+    chunks = range(0, len(test), batch_size)
+    img = torch.cat([encode_images(model, test.images[s : s + batch_size].to(device)).cpu() for s in chunks])
     txt = torch.cat(
         [
-            encode_texts(model, test.input_ids[s : s + batch_size], test.attention_mask[s : s + batch_size])
-            for s in range(0, len(test), batch_size)
+            encode_texts(
+                model, test.input_ids[s : s + batch_size].to(device), test.attention_mask[s : s + batch_size].to(device)
+            ).cpu()
+            for s in chunks
         ]
     )
     prompt_ids, prompt_mask = data.class_prompts
-    classes = encode_texts(model, prompt_ids, prompt_mask)
+    classes = encode_texts(model, prompt_ids.to(device), prompt_mask.to(device)).cpu()
     acc = (img @ classes.T).argmax(1).eq(test.labels).float().mean().item()
     same_caption = (test.input_ids[:, None, :] == test.input_ids[None, :, :]).all(-1)
     sim = img @ txt.T
@@ -191,7 +208,7 @@ def evaluate_adapter(resident: Resident, cfg: ExperimentConfig, adapter: Tensors
     name = adapter_name(max_rank(cfg))
     activate(resident.model, name)
     load_adapter_state(resident.model, name, adapter)
-    return evaluate_dual_encoder(resident.model, resident.data, cfg.eval.batch_size)
+    return evaluate_dual_encoder(resident.model, resident.data, cfg.eval.batch_size, resident.device)
 
 
 def l2_norm(tensors: Tensors) -> float:

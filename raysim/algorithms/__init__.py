@@ -1,20 +1,28 @@
-"""One file per algorithm. `raysim.algorithms.load(name)` finds `ALGORITHM` in
-`raysim/algorithms/<name>.py`, or takes a dotted path "package.module:Class"."""
+"""One file per algorithm. `load(name)` finds `ALGORITHM` in `raysim/algorithms/<name>.py`,
+or takes a dotted path "package.module:Class". A module may declare an `Options`
+pydantic model for its `algorithm.options` section."""
 from __future__ import annotations
 
 import importlib
+from types import ModuleType
+
+
+def module_of(name: str) -> ModuleType:
+    module_name = name.split(":", 1)[0] if ":" in name else f"raysim.algorithms.{name}"
+    if ":" not in name and not name.isidentifier():
+        raise ValueError(f"'{name}' is neither a file under raysim/algorithms/ nor 'package.module:Class'")
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name and module_name.startswith(err.name):
+            where = "a file in raysim/algorithms/ (e.g. fedavg, fedprox)" if ":" not in name else "an importable module"
+            raise ValueError(f"'{name}' is not {where}") from None
+        raise
 
 
 def load(name: str):
-    if ":" in name:
-        module, attr = name.split(":", 1)
-        return getattr(importlib.import_module(module), attr)
-    if not name.isidentifier():
-        raise ValueError(f"algorithm.name '{name}' is neither a module under raysim/algorithms/ nor 'pkg.module:Class'")
-    try:
-        module = importlib.import_module(f"raysim.algorithms.{name}")
-    except ModuleNotFoundError as err:
-        if err.name == f"raysim.algorithms.{name}":
-            raise ValueError(f"algorithm.name '{name}' is not a file in raysim/algorithms/ (e.g. fedavg, fedprox)") from None
-        raise
-    return module.ALGORITHM
+    module = module_of(name)
+    attr = name.split(":", 1)[1] if ":" in name else "ALGORITHM"
+    if not hasattr(module, attr):
+        raise ValueError(f"algorithm module {module.__name__} defines no {attr}")
+    return getattr(module, attr)

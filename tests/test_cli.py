@@ -1,0 +1,85 @@
+"""Bad input: one clear paragraph on stderr, exit code 2, no traceback, nothing lost."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_overrides
+from raysim.cli import main
+
+RAYSIM = [sys.executable, "-m", "raysim.cli"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args, cwd=ROOT):
+    return subprocess.run([*RAYSIM, *args], capture_output=True, text=True, cwd=cwd, env=os.environ.copy(), timeout=300)
+
+
+def assert_clean_error(proc, *needles):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    for n in needles:
+        assert n in proc.stderr, (n, proc.stderr)
+
+
+def test_malformed_yaml(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rounds: 3\nclients: {total: 4\n")
+    assert_clean_error(cli("run", str(bad)), str(bad), "not valid YAML", "line")
+
+
+def test_unknown_and_impossible_values(tmp_path):
+    proc = cli("run", "configs/quickstart.yaml", "clients.total=0", "data.alpha=0", "lora.rnak=3")
+    assert_clean_error(proc, "configs/quickstart.yaml", "clients.total", "data.alpha", "lora.rnak", "unknown key")
+    proc = cli("run", "configs/quickstart.yaml", "clients.per_round=80")
+    assert_clean_error(proc, "clients.per_round (80) exceeds clients.total (50)")
+
+
+def test_missing_config():
+    assert_clean_error(cli("run", "configs/nope.yaml"), "configs/nope.yaml does not exist")
+
+
+def test_nonempty_run_dir_is_not_overwritten(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    proc = cli("run", "configs/quickstart.yaml", *tiny_overrides(), "--out", str(out))
+    assert_clean_error(proc, "not empty", "--resume")
+    assert (out / "precious.txt").read_text() == "keep me" and len(list(out.iterdir())) == 1
+
+
+def test_resume_with_a_different_config_is_refused_and_corrupt_checkpoint_falls_back(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "configs/quickstart.yaml", *tiny_overrides(), "--out", str(out), "--quiet"]) == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    proc = cli("run", "configs/quickstart.yaml", *tiny_overrides(seed=5), "--out", str(out), "--resume")
+    assert_clean_error(proc, "different config", "seed (0 in the run directory, 5 now)")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+    proc = cli("run", "configs/quickstart.yaml", *tiny_overrides(), "--out", str(tmp_path / "empty"), "--resume")
+    assert_clean_error(proc, "holds no run")
+
+    # truncate the newest checkpoint: resume warns, uses the previous one and redoes round 2
+    newest = sorted((out / "checkpoints").iterdir())[-1]
+    data = (newest / "server.safetensors").read_bytes()
+    (newest / "server.safetensors").write_bytes(data[: len(data) // 2])
+    assert main(["run", "configs/quickstart.yaml", *tiny_overrides(rounds=3), "--out", str(out), "--resume", "--quiet"]) == 0
+    assert "corrupted" in capsys.readouterr().err
+    rounds = [json.loads(line)["round"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rounds == [0, 1, 2, 3]
+
+    # every checkpoint broken: a clear error, exit 2
+    for ck in (out / "checkpoints").iterdir():
+        (ck / "meta.json").write_text("{")
+    proc = cli("run", "configs/quickstart.yaml", *tiny_overrides(rounds=4), "--out", str(out), "--resume")
+    assert_clean_error(proc, "no usable checkpoint")
+
+
+def test_help_lists_commands():
+    proc = cli("--help")
+    assert proc.returncode == 0 and "run" in proc.stdout and "pretrain" in proc.stdout
