@@ -1,9 +1,9 @@
 """Executors that run one round's clients: in-process (local mode) or on a pool of
-ClientWorker Ray actors. Both return the round's fold merged in worker order."""
+ClientWorker Ray actors. Both return the round's fold, merged in worker order."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from actors.worker import ClientWorker, Partial
@@ -12,112 +12,194 @@ from actors.worker import ClientWorker, Partial
 @dataclass
 class RoundOutput:
     acc: Any
-    client_metrics: dict[int, dict[str, float]]
-    num_examples: int
-    bytes_up: int
-    bytes_down: int
-    compute_s: float  # busiest worker's compute time
-    wait_s: float  # driver time from dispatch to last partial, beyond the busiest worker's compute
-    merge_s: float
+    client_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
+    num_examples: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    compute_s: float = 0.0  # the busiest worker's compute time
+    transfer_s: float = 0.0  # dispatch to last partial, beyond the busiest worker's compute
+    merge_s: float = 0.0
+    requeued: list[int] = field(default_factory=list)  # clients re-run after their worker died
+    worker_failures: int = 0
 
 
-def merge_partials(algorithm, msg, partials: list[Partial], dispatch_s: float = 0.0) -> RoundOutput:
-    t0 = time.perf_counter()
-    acc = algorithm.zero(msg)
-    out = RoundOutput(acc, {}, 0, 0, 0, 0.0, 0.0, 0.0)
-    for p in sorted(partials, key=lambda p: p.worker):  # canonical order: never timing-dependent
-        out.acc = algorithm.merge(out.acc, p.acc)
-        out.client_metrics.update(p.client_metrics)
-        out.num_examples += p.num_examples
-        out.bytes_up += p.bytes_up
-        out.bytes_down += p.bytes_down
-        out.compute_s = max(out.compute_s, p.compute_s)
-    out.merge_s = time.perf_counter() - t0
-    out.wait_s = max(0.0, dispatch_s - out.compute_s)
-    return out
+class OrderedMerger:
+    """Merges partials in worker order as soon as the next one in order has arrived, so
+    the result never depends on timing and at most one partial per worker is held."""
+
+    def __init__(self, algorithm, msg, order: list[int]):
+        self.algorithm = algorithm
+        self.out = RoundOutput(algorithm.zero(msg))
+        self.order = order
+        self.next = 0
+        self.waiting: dict[int, Partial] = {}
+
+    def add(self, part: Partial) -> None:
+        self.waiting[part.worker] = part
+        while self.next < len(self.order) and self.order[self.next] in self.waiting:
+            p = self.waiting.pop(self.order[self.next])
+            t0 = time.perf_counter()
+            out = self.out
+            out.acc = self.algorithm.merge(out.acc, p.acc)
+            out.merge_s += time.perf_counter() - t0
+            out.client_metrics.update(p.client_metrics)
+            out.num_examples += p.num_examples
+            out.bytes_up += p.bytes_up
+            out.bytes_down += p.bytes_down
+            out.compute_s = max(out.compute_s, p.compute_s)
+            self.next += 1
+
+
+def balanced_groups(client_ids: list[int], num_workers: int, cost: Callable[[int], float], home: Callable[[int], int]):
+    """Greedy longest-first assignment to the least-loaded worker (ties: the client's home
+    worker, where its state already is). Deterministic for the same inputs."""
+    load = [0.0] * num_workers
+    groups: dict[int, list[int]] = {}
+    for cid in sorted(client_ids, key=lambda c: (-cost(c), c)):
+        best = min(range(num_workers), key=lambda w: (load[w], w != home(cid), w))
+        load[best] += cost(cid)
+        groups.setdefault(best, []).append(cid)
+    return groups
 
 
 class LocalPool:
     """runtime.num_workers == 0: the same worker code, in this process, no Ray."""
 
-    def __init__(self, algorithm, seed_fn, state_root, resume_round, torch_threads: int | None = None):
+    def __init__(self, algorithm, seed_fn, state_root: str, state_memory_bytes: int | None = None, keep_versions: int = 2):
         import torch
 
-        self.worker = ClientWorker(
-            algorithm, 0, seed_fn, state_root, resume_round, torch_threads or torch.get_num_threads()
-        )
         self.algorithm = algorithm
+        self.worker = ClientWorker(
+            algorithm, 0, seed_fn, state_root, torch.get_num_threads(), state_memory_bytes, keep_versions
+        )
 
     def start(self) -> None:
         self.worker.ready()
 
-    def run_round(self, msg, client_ids: list[int]) -> RoundOutput:
+    def run_round(self, msg, client_ids: list[int], versions: dict[int, int]) -> RoundOutput:
         t0 = time.perf_counter()
-        part = self.worker.run(msg, client_ids)
-        return merge_partials(self.algorithm, msg, [part], time.perf_counter() - t0)
+        part = self.worker.run(msg, client_ids, versions)
+        merger = OrderedMerger(self.algorithm, msg, [0])
+        merger.add(part)
+        merger.out.transfer_s = max(0.0, time.perf_counter() - t0 - part.compute_s)
+        return merger.out
 
     def peak_rss_mb(self) -> list[float]:
         return []
+
+    def store_stats(self) -> list[dict]:
+        return [self.worker.store_stats()]
 
     def shutdown(self) -> None:
         pass
 
 
 class RayPool:
-    """A pool of ClientWorker actors. `pooled`: `num_workers` actors serve all clients,
-    client c sticks to worker c % num_workers (its state stays there). `dedicated`: one
-    actor per client, each with its own resources."""
+    """A pool of ClientWorker actors. `pooled`: `num_workers` actors serve all clients;
+    with `assignment: sticky` client c always runs on worker c % num_workers (its state
+    stays in that worker's memory), with `balanced` each round's clients are spread by
+    data size. `dedicated`: one actor per client, each with its own resources.
+    A worker that dies is restarted by Ray; its clients are re-run on live workers."""
 
     def __init__(
         self,
         algorithm,
         seed_fn: Callable[[int, int], int],
-        state_root: str | None,
-        resume_round: int | None,
+        state_root: str,
         num_clients: int,
         num_workers: int,
         placement: str,
+        assignment: str,
         num_cpus: float,
         num_gpus: float,
         torch_threads: int,
+        state_memory_bytes: int | None = None,
+        max_restarts: int = -1,
+        keep_versions: int = 2,
     ):
         import ray
 
         self.algorithm = algorithm
         self.placement = placement
+        self.assignment = assignment
         n = num_clients if placement == "dedicated" else num_workers
-        remote = ray.remote(ClientWorker).options(num_cpus=num_cpus, num_gpus=num_gpus, max_concurrency=1)
-        self.workers = [
-            remote.remote(algorithm, i, seed_fn, state_root, resume_round, torch_threads) for i in range(n)
-        ]
+        remote = ray.remote(ClientWorker).options(
+            num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts, max_task_retries=0
+        )
+        args = (seed_fn, state_root, torch_threads, state_memory_bytes, keep_versions)
+        self.workers = [remote.remote(algorithm, i, *args) for i in range(n)]
 
     def start(self) -> None:
         import ray
 
         ray.get([w.ready.remote() for w in self.workers])
 
-    def worker_of(self, client_id: int) -> int:
+    def home(self, client_id: int) -> int:
         return client_id % len(self.workers)
 
-    def run_round(self, msg, client_ids: list[int]) -> RoundOutput:
+    def groups(self, client_ids: list[int]) -> dict[int, list[int]]:
+        if self.placement == "pooled" and self.assignment == "balanced":
+            cost = getattr(self.algorithm, "client_cost", lambda c: 1.0)
+            return balanced_groups(client_ids, len(self.workers), cost, self.home)
+        groups: dict[int, list[int]] = {}
+        for cid in client_ids:
+            groups.setdefault(self.home(cid), []).append(cid)
+        return groups
+
+    def run_round(self, msg, client_ids: list[int], versions: dict[int, int]) -> RoundOutput:
         import ray
+        from ray.exceptions import RayActorError
 
         t0 = time.perf_counter()
         msg_ref = ray.put(msg)  # one copy in the object store, shared by every worker
-        groups: dict[int, list[int]] = {}
-        for cid in client_ids:
-            groups.setdefault(self.worker_of(cid), []).append(cid)
-        pending = [self.workers[w].run.remote(msg_ref, ids) for w, ids in sorted(groups.items())]
-        partials = []
+        groups = self.groups(client_ids)
+        merger = OrderedMerger(self.algorithm, msg, sorted(groups))
+        pending = {self.workers[w].run.remote(msg_ref, ids, versions): (w, w, ids) for w, ids in groups.items()}
+        requeued, failures = [], 0
         while pending:  # collect partials as they complete
-            done, pending = ray.wait(pending, num_returns=1)
-            partials.extend(ray.get(done))
-        return merge_partials(self.algorithm, msg, partials, time.perf_counter() - t0)
+            done, _ = ray.wait(list(pending), num_returns=1)
+            slot, w, ids = pending.pop(done[0])
+            try:
+                part = ray.get(done[0])
+            except RayActorError:
+                # The worker died (its clients' state of earlier rounds is on disk): re-run
+                # them on the next worker; Ray restarts the dead one for later rounds. The
+                # partial keeps its slot in the merge order, so the result is unchanged.
+                failures += 1
+                requeued.extend(ids)
+                retry = (w + 1) % len(self.workers)
+                pending[self.workers[retry].run.remote(msg_ref, ids, versions)] = (slot, retry, ids)
+                continue
+            part.worker = slot
+            merger.add(part)
+        out = merger.out
+        out.transfer_s = max(0.0, time.perf_counter() - t0 - out.compute_s - out.merge_s)
+        out.requeued, out.worker_failures = sorted(requeued), failures
+        return out
+
+    def pids(self, timeout_s: float = 120.0) -> list[int]:
+        """Worker process ids, waiting for restarting workers to come back."""
+        import ray
+        from ray.exceptions import ActorUnavailableError
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return ray.get([w.pid.remote() for w in self.workers])
+            except ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
 
     def peak_rss_mb(self) -> list[float]:
         import ray
 
         return ray.get([w.peak_rss_mb.remote() for w in self.workers])
+
+    def store_stats(self) -> list[dict]:
+        import ray
+
+        return ray.get([w.store_stats.remote() for w in self.workers])
 
     def shutdown(self) -> None:
         import ray

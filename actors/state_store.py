@@ -1,18 +1,24 @@
 """Per-client persistent state (adapter, optimizer moments) kept by the worker that
-serves the client, written through to disk so that a resumed run, or another worker,
-finds it. Each write is versioned by round: a run resumed from round R reads the newest
-version <= R, so state written by a round that never finished is ignored."""
+serves the client and written through to disk, versioned by the round that wrote it.
+
+The driver tracks each client's current version and passes it with the client id, so a
+worker uses its in-memory copy only if it is that version, and otherwise reads that
+version from disk: a client may move to another worker (load balancing, a dead worker)
+and a resumed run ignores state written by a round that never finished. Memory is
+bounded by `memory_budget_bytes`: least recently used states are dropped from memory
+(they are on disk) and come back bit-identical."""
 from __future__ import annotations
 
 import os
 import re
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 State = dict[str, dict[str, torch.Tensor]]
-_VERSION = re.compile(r"r(\d+)\.safetensors$")
+_VERSION = re.compile(r"^r(\d+)\.safetensors$")
 
 
 def _flatten(state: State) -> dict[str, torch.Tensor]:
@@ -27,44 +33,62 @@ def _unflatten(flat: dict[str, torch.Tensor]) -> State:
     return state
 
 
+def state_nbytes(state: State) -> int:
+    return sum(t.numel() * t.element_size() for ts in state.values() for t in ts.values())
+
+
 class ClientStateStore:
-    def __init__(self, root: str | Path | None, max_round: int | None = None):
-        self.root = Path(root) if root else None
-        self.max_round = max_round  # resume point: ignore versions written after it
-        self.memory: dict[int, State] = {}
+    def __init__(self, root: str | Path, memory_budget_bytes: int | None = None, keep_versions: int = 2):
+        self.root = Path(root)
+        self.keep_versions = keep_versions
+        self.budget = memory_budget_bytes
+        self.memory: OrderedDict[int, tuple[int, State]] = OrderedDict()  # LRU: cid -> (version, state)
+        self.memory_bytes = 0
+        self.loads_from_disk = 0
 
     def _dir(self, client_id: int) -> Path:
         return self.root / f"{client_id:06d}"
 
-    def _versions(self, client_id: int) -> list[tuple[int, Path]]:
+    def versions(self, client_id: int) -> list[int]:
         d = self._dir(client_id)
         if not d.is_dir():
             return []
-        found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _VERSION.search(p.name))]
-        return sorted(found)
+        return sorted(int(m.group(1)) for p in d.iterdir() if (m := _VERSION.match(p.name)))
 
-    def get(self, client_id: int) -> State:
-        if client_id in self.memory:
-            return self.memory[client_id]
-        state: State = {}
-        if self.root is not None:
-            usable = [(r, p) for r, p in self._versions(client_id) if self.max_round is None or r <= self.max_round]
-            if usable:
-                state = _unflatten(load_file(str(usable[-1][1])))
-        self.memory[client_id] = state
-        return state
+    def get(self, client_id: int, version: int) -> State:
+        """The client's state as written in round `version` (0: never trained, empty)."""
+        if version == 0:
+            return {}
+        hit = self.memory.get(client_id)
+        if hit is not None and hit[0] == version:
+            self.memory.move_to_end(client_id)
+            return hit[1]
+        path = self._dir(client_id) / f"r{version}.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"state of client {client_id} from round {version} is missing: {path}")
+        self.loads_from_disk += 1
+        return _unflatten(load_file(str(path)))
 
     def put(self, client_id: int, round: int, state: State) -> None:
-        self.memory[client_id] = state
-        if self.root is None or not state:
+        if not state:
             return
         d = self._dir(client_id)
         d.mkdir(parents=True, exist_ok=True)
-        final = d / f"r{round}.safetensors"
         tmp = d / f".r{round}.tmp"
         save_file(_flatten(state), str(tmp))
-        os.replace(tmp, final)
-        # Keep this version and the one before it: a crash inside the next round must
-        # still find the state as of the last finished round.
-        for _, old in self._versions(client_id)[:-2]:
-            old.unlink(missing_ok=True)
+        os.replace(tmp, d / f"r{round}.safetensors")
+        # Keep enough versions that the state as of the last checkpoint survives until the
+        # next one (a client writes at most one version per round).
+        for old in self.versions(client_id)[: -self.keep_versions]:
+            (d / f"r{old}.safetensors").unlink(missing_ok=True)
+        self._remember(client_id, round, state)
+
+    def _remember(self, client_id: int, version: int, state: State) -> None:
+        old = self.memory.pop(client_id, None)
+        if old is not None:
+            self.memory_bytes -= state_nbytes(old[1])
+        self.memory[client_id] = (version, state)
+        self.memory_bytes += state_nbytes(state)
+        while self.budget is not None and self.memory_bytes > self.budget and len(self.memory) > 1:
+            _, (_, evicted) = self.memory.popitem(last=False)  # spill: the copy on disk stays
+            self.memory_bytes -= state_nbytes(evicted)

@@ -24,6 +24,7 @@ class Partial:
     bytes_up: int = 0
     bytes_down: int = 0
     compute_s: float = 0.0
+    client_ids: list[int] = field(default_factory=list)
 
 
 def peak_rss_mb() -> float:
@@ -36,16 +37,17 @@ class ClientWorker:
         algorithm: Any,
         index: int,
         seed_fn: Callable[[int, int], int],
-        state_root: str | None,
-        resume_round: int | None,
+        state_root: str,
         torch_threads: int,
+        state_memory_bytes: int | None = None,
+        keep_versions: int = 2,
     ):
         warnings.filterwarnings("ignore", category=UserWarning)
         torch.set_num_threads(torch_threads)
         self.algorithm = algorithm
         self.index = index
         self.seed_fn = seed_fn
-        self.store = ClientStateStore(state_root, resume_round)
+        self.store = ClientStateStore(state_root, state_memory_bytes, keep_versions)
         self.resident = None
 
     def ready(self) -> int:
@@ -54,12 +56,13 @@ class ClientWorker:
             self.resident = self.algorithm.build_resident()
         return os.getpid()
 
-    def run(self, msg, client_ids: list[int]) -> Partial:
+    def run(self, msg, client_ids: list[int], versions: dict[int, int]) -> Partial:
+        """Run the clients (each from its state of round `versions[cid]`) and fold them."""
         self.ready()
         t0 = time.perf_counter()
-        part = Partial(self.index, self.algorithm.zero(msg))
+        part = Partial(self.index, self.algorithm.zero(msg), client_ids=sorted(client_ids))
         for cid in sorted(client_ids):
-            state = self.store.get(cid)
+            state = dict(self.store.get(cid, versions.get(cid, 0)))
             ctx = ClientContext(cid, msg.round, self.seed_fn(msg.round, cid), None, self.resident, state)
             result = self.algorithm.client_step(ctx, msg)
             part.acc = self.algorithm.accumulate(part.acc, result)
@@ -76,3 +79,10 @@ class ClientWorker:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def store_stats(self) -> dict[str, int]:
+        return {
+            "clients_in_memory": len(self.store.memory),
+            "memory_bytes": self.store.memory_bytes,
+            "loads_from_disk": self.store.loads_from_disk,
+        }

@@ -4,7 +4,11 @@ Every aggregation is a fold: ``ws_zero`` -> ``ws_add``/``product_add`` per clien
 -> ``ws_merge`` partials -> ``ws_mean``.  Workers pre-reduce their own clients
 and the driver only merges partials, so the fold must be associative.
 
-Accumulation is float64 (merge order then barely matters); results are float32.
+Sums are exact fixed-point integers (int64 multiples of 2**-FIXED_BITS): integer
+addition is associative and commutative, so partials can be merged in any order, as
+they arrive, and a client re-run on another worker changes nothing, bit for bit.
+Each client's contribution is rounded once to 2**-32 (about 2e-10), far below float32
+resolution of the values we average. Results are float32.
 No Ray imports: this module is plain torch so it is trivially testable.
 """
 
@@ -23,17 +27,39 @@ _DELTA = ".delta"
 # --------------------------------------------------------------------------- weighted mean
 
 
+FIXED_BITS = 32
+_SCALE = float(2**FIXED_BITS)
+_INT64_SAFE = 2.0**62  # headroom below 2**63 for the running bound
+
+
 @dataclass
 class WeightedSum:
     """Fold state for a weighted mean."""
 
-    weight: float = 0.0  # total weight so far
-    sums: dict[str, torch.Tensor] = field(default_factory=dict)  # float64 sum of weight * tensor
+    weight: float = 0.0  # total weight so far (weights are example counts: exact in float64)
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)  # int64 fixed-point sum of weight * tensor
     count: int = 0  # number of updates folded
+    bound: float = 0.0  # sum of the largest |term| of each add: guards int64 overflow
 
 
 def ws_zero() -> WeightedSum:
-    return WeightedSum(0.0, {}, 0)
+    return WeightedSum(0.0, {}, 0, 0.0)
+
+
+def _to_fixed(key: str, values: torch.Tensor) -> tuple[torch.Tensor, float]:
+    scaled = torch.round(values.detach().to(torch.float64) * _SCALE)
+    peak = float(scaled.abs().max()) if scaled.numel() else 0.0
+    if not peak < _INT64_SAFE:  # also catches NaN/Inf
+        raise ValueError(
+            f"{key!r}: |weight * value| = {peak / _SCALE:.3g} is outside the exact-sum range "
+            f"(below 2**{62 - FIXED_BITS}); screen or clip updates before aggregation"
+        )
+    return scaled.to(torch.int64), peak
+
+
+def ws_sums(acc: WeightedSum) -> Tensors:
+    """The sums as float64 (for inspection and tests)."""
+    return {k: s.to(torch.float64) / _SCALE for k, s in acc.sums.items()}
 
 
 def _check_compatible(have: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> None:
@@ -56,12 +82,21 @@ def ws_add(acc: WeightedSum, tensors: Tensors, weight: float) -> WeightedSum:
         raise ValueError(f"weight must be >= 0, got {weight}")
     if acc.count:
         _check_compatible(acc.sums, tensors)
-        for k, t in tensors.items():
-            acc.sums[k].add_(t.detach().to(torch.float64), alpha=weight)
+    peak = 0.0
+    fixed = {}
+    for k, t in tensors.items():
+        fixed[k], p = _to_fixed(k, t.detach().to(torch.float64) * weight)
+        peak = max(peak, p)
+    if acc.bound + peak >= _INT64_SAFE:
+        raise ValueError("exact-sum overflow: the folded updates are too large in magnitude; clip them first")
+    if acc.count:
+        for k, f in fixed.items():
+            acc.sums[k].add_(f)
     else:
-        acc.sums = {k: t.detach().to(torch.float64) * weight for k, t in tensors.items()}
+        acc.sums = fixed
     acc.weight += weight
     acc.count += 1
+    acc.bound += peak
     return acc
 
 
@@ -70,16 +105,18 @@ def ws_merge(a: WeightedSum, b: WeightedSum) -> WeightedSum:
     if not a.count:
         a, b = b, a
     if not b.count:  # merging with an empty fold: copy so the result never aliases an input
-        return WeightedSum(a.weight, {k: t.clone() for k, t in a.sums.items()}, a.count)
+        return WeightedSum(a.weight, {k: t.clone() for k, t in a.sums.items()}, a.count, a.bound)
     _check_compatible(a.sums, b.sums)
+    if a.bound + b.bound >= _INT64_SAFE:
+        raise ValueError("exact-sum overflow while merging partials; clip updates first")
     sums = {k: a.sums[k] + b.sums[k] for k in a.sums}
-    return WeightedSum(a.weight + b.weight, sums, a.count + b.count)
+    return WeightedSum(a.weight + b.weight, sums, a.count + b.count, a.bound + b.bound)
 
 
 def ws_mean(acc: WeightedSum) -> Tensors:
     if acc.weight <= 0:
         raise ValueError(f"cannot take a mean with total weight {acc.weight} (count={acc.count})")
-    return {k: (s / acc.weight).to(torch.float32) for k, s in acc.sums.items()}
+    return {k: (s.to(torch.float64) / _SCALE / acc.weight).to(torch.float32) for k, s in acc.sums.items()}
 
 
 # --------------------------------------------------------------------------- LoRA key helpers

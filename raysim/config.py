@@ -118,6 +118,12 @@ class AlgorithmConfig(_Strict):
 class RuntimeConfig(_Strict):
     num_workers: int = Field(2, ge=0, description="0 = local mode: one process, no Ray")
     placement: Literal["pooled", "dedicated"] = "pooled"
+    # pooled only. sticky: client c always runs on worker c % num_workers; balanced: each
+    # round's clients are spread over workers by data size (state moves through disk).
+    assignment: Literal["sticky", "balanced"] = "sticky"
+    # Client states a worker keeps in memory; beyond this they spill to disk (run_dir/client_state).
+    state_memory_mb: Optional[float] = Field(None, gt=0)
+    max_worker_restarts: int = Field(-1, ge=-1, description="-1: restart dead workers without limit")
     num_cpus_per_worker: float = Field(1.0, ge=0)
     num_gpus_per_worker: float = Field(0.0, ge=0)
     torch_threads: int = Field(1, ge=1, description="torch threads inside each worker")

@@ -85,34 +85,40 @@ class Engine:
         self.run.prepare(cfg, resume)
         self.algorithm = algorithms.load(cfg.algorithm.name)(cfg)
         ckpt = load_latest(self.run.path) if resume else None
+        # versions[c]: the round that wrote client c's current state (absent: never trained)
+        self.versions: dict[int, int] = {}
         if ckpt is None:
             self.round = 0
             self.state = self.algorithm.init_server()
             self.history = self.run.truncate_metrics(-1)
         else:
-            self.round, tensors, _ = ckpt
+            self.round, tensors, meta = ckpt
             self.state = self.algorithm.load_state_tensors(tensors)
+            self.versions = {int(c): v for c, v in meta.get("client_versions", {}).items()}
             self.history = self.run.truncate_metrics(self.round)
         seed_fn = functools.partial(derive_seed, cfg.seed)
-        resume_round = self.round if resume else None
         state_root = str(self.run.client_state)
         if not resume:
             shutil.rmtree(state_root, ignore_errors=True)
         rt = cfg.runtime
+        budget = int(rt.state_memory_mb * 2**20) if rt.state_memory_mb else None
         if rt.num_workers == 0:
-            self.pool = LocalPool(self.algorithm, seed_fn, state_root, resume_round)
+            self.pool = LocalPool(self.algorithm, seed_fn, state_root, budget, cfg.checkpoint.every + 1)
         else:
             self.pool = RayPool(
                 self.algorithm,
                 seed_fn,
                 state_root,
-                resume_round,
                 num_clients=cfg.clients.total,
                 num_workers=rt.num_workers,
                 placement=rt.placement,
+                assignment=rt.assignment,
                 num_cpus=rt.num_cpus_per_worker,
                 num_gpus=rt.num_gpus_per_worker,
                 torch_threads=rt.torch_threads,
+                state_memory_bytes=budget,
+                max_restarts=rt.max_worker_restarts,
+                keep_versions=cfg.checkpoint.every + 1,
             )
         self.pool.start()
         self.setup_s = time.perf_counter() - self.t_start
@@ -138,7 +144,9 @@ class Engine:
         t0 = time.perf_counter()
         client_ids = sample_clients(cfg.seed, r, cfg.clients.total, cfg.clients.per_round)
         msg = self.algorithm.broadcast(self.state, r, client_ids)
-        out = self.pool.run_round(msg, client_ids)
+        out = self.pool.run_round(msg, client_ids, {c: self.versions[c] for c in client_ids if c in self.versions})
+        for c in client_ids:
+            self.versions[c] = r
         t_agg = time.perf_counter()
         self.state = self.algorithm.finalize(self.state, out.acc)
         aggregate_s = out.merge_s + time.perf_counter() - t_agg
@@ -157,13 +165,14 @@ class Engine:
         eval_s = time.perf_counter() - t_eval
         t_ckpt = time.perf_counter()
         if r % cfg.checkpoint.every == 0 or r == cfg.rounds:
-            save_checkpoint(
-                self.run.path, r, self.algorithm.state_tensors(self.state), {"seed": cfg.seed}, cfg.checkpoint.keep_last
-            )
+            meta = {"seed": cfg.seed, "client_versions": {str(c): v for c, v in sorted(self.versions.items())}}
+            save_checkpoint(self.run.path, r, self.algorithm.state_tensors(self.state), meta, cfg.checkpoint.keep_last)
         checkpoint_s = time.perf_counter() - t_ckpt
         record.update(
+            requeued=out.requeued,
+            worker_failures=out.worker_failures,
             compute_s=out.compute_s,
-            wait_s=out.wait_s,
+            transfer_s=out.transfer_s,
             aggregate_s=aggregate_s,
             eval_s=eval_s,
             checkpoint_s=checkpoint_s,

@@ -1,0 +1,213 @@
+"""Byzantine-robust aggregation rules and the bounded buffer they need.
+
+API
+---
+Rules (pure functions over a list of updates; results are new float32 tensors):
+
+``coordinate_median(updates) -> Tensors``
+    per-coordinate median; for an even count, the mean of the two middle values.
+``trimmed_mean(updates, trim_fraction) -> Tensors``
+    per coordinate, drop the ``k = floor(trim_fraction * n)`` largest and ``k`` smallest values
+    and average the rest; ``ValueError`` if ``2k >= n``.
+``clip_by_norm(update, max_norm) -> Tensors``
+    scale the whole update (global L2 norm over all keys) down to ``max_norm`` if above; keeps dtypes.
+``norm_clipped_mean(updates, weights, max_norm) -> Tensors``
+    weighted mean of the clipped updates.
+``robust_aggregate(buf, rule, trim_fraction=..., max_norm=...) -> Tensors``
+    apply a rule by name (``"median"``, ``"trimmed_mean"``, ``"norm_clip"``) to a buffer.
+
+Median and trimmed mean ignore weights on purpose: a weight is whatever the client claims
+(e.g. its example count), so a hostile client could otherwise buy influence.
+
+These rules are NOT folds: a median cannot be computed from partial medians. The caller keeps
+the round's updates in a ``BoundedBuffer`` of capacity ``clients_per_round`` (so driver memory
+stays bounded by the cohort size, not the population) with the same zero/add/merge shape as
+``raysim.aggregation``:
+
+``buffer_zero(capacity)``; ``buffer_add(buf, update, weight, client_id)`` (in place, like
+``ws_add``); ``buffer_merge(a, b)`` (new buffer). Both raise ``OverflowError`` past capacity and
+``ValueError`` on a duplicate client id (a re-queued client must never count twice). Entries
+are kept sorted by client id, so the buffer -- and every rule applied to it -- does not depend
+on the order in which workers or clients arrived. ``buffer_updates(buf)`` returns
+``(ids, updates, weights)`` in that order.
+
+All arithmetic is float64; inputs are never mutated or aliased.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from raysim.screening import global_norm
+
+Tensors = dict[str, torch.Tensor]
+
+
+def _check_same_layout(updates: Sequence[Tensors]) -> None:
+    if not updates:
+        raise ValueError("need at least one update")
+    ref = updates[0]
+    for i, u in enumerate(updates[1:], 1):
+        if u.keys() != ref.keys():
+            missing, extra = sorted(ref.keys() - u.keys()), sorted(u.keys() - ref.keys())
+            raise ValueError(f"update {i}: key mismatch: missing {missing[:5]}, unexpected {extra[:5]}")
+        for k, t in u.items():
+            if t.shape != ref[k].shape:
+                raise ValueError(f"update {i}: shape mismatch for {k!r}: {tuple(t.shape)} vs {tuple(ref[k].shape)}")
+
+
+def _stacked(updates: Sequence[Tensors], key: str) -> torch.Tensor:
+    # (n, *shape) float64; sorting a fresh stack never touches the inputs
+    return torch.stack([u[key].detach().to(torch.float64) for u in updates])
+
+
+# --------------------------------------------------------------------------- rules
+
+
+def coordinate_median(updates: Sequence[Tensors]) -> Tensors:
+    """Per-coordinate median. With an even count, the mean of the two middle values.
+
+    (``torch.median`` returns the lower middle value, which biases the result downwards.)
+    """
+    _check_same_layout(updates)
+    n = len(updates)
+    out: Tensors = {}
+    for k in updates[0]:
+        s = _stacked(updates, k).sort(dim=0).values
+        mid = s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+        out[k] = mid.to(torch.float32)
+    return out
+
+
+def trimmed_mean(updates: Sequence[Tensors], trim_fraction: float) -> Tensors:
+    """Per coordinate: drop the k largest and k smallest values, k = floor(trim_fraction * n), then mean."""
+    _check_same_layout(updates)
+    n = len(updates)
+    if not 0 <= trim_fraction < 0.5:
+        raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
+    k = math.floor(trim_fraction * n)
+    if 2 * k >= n:
+        raise ValueError(f"trimming {k} from each end of {n} updates leaves nothing")
+    out: Tensors = {}
+    for key in updates[0]:
+        s = _stacked(updates, key).sort(dim=0).values
+        out[key] = s[k : n - k].mean(dim=0).to(torch.float32)
+    return out
+
+
+def _clip_scale(update: Tensors, max_norm: float) -> float:
+    norm = global_norm(update)
+    if not math.isfinite(norm):
+        raise ValueError(f"cannot clip an update with norm {norm}: screen out NaN/Inf first")
+    return 1.0 if norm <= max_norm else max_norm / norm
+
+
+def clip_by_norm(update: Tensors, max_norm: float) -> Tensors:
+    """Scale ``update`` so its global L2 norm is at most ``max_norm``; returns new tensors, dtypes kept.
+
+    One factor for all keys (not per tensor) so the update's direction is preserved.
+    """
+    if not max_norm > 0:
+        raise ValueError(f"max_norm must be > 0, got {max_norm}")
+    scale = _clip_scale(update, max_norm)
+    return {k: (t.detach().to(torch.float64) * scale).to(t.dtype) for k, t in update.items()}
+
+
+def norm_clipped_mean(updates: Sequence[Tensors], weights: Sequence[float], max_norm: float) -> Tensors:
+    """Weighted mean of ``clip_by_norm(u, max_norm)``: one client moves the mean by at most max_norm * w_i / sum(w)."""
+    _check_same_layout(updates)
+    if len(weights) != len(updates):
+        raise ValueError(f"{len(updates)} updates but {len(weights)} weights")
+    weights = [float(w) for w in weights]
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"weights must be >= 0 with a positive sum, got {weights}")
+    if not max_norm > 0:
+        raise ValueError(f"max_norm must be > 0, got {max_norm}")
+    total = sum(weights)
+    factors = [w * _clip_scale(u, max_norm) for u, w in zip(updates, weights)]
+    out: Tensors = {}
+    for k in updates[0]:
+        acc = torch.zeros(updates[0][k].shape, dtype=torch.float64)
+        for u, f in zip(updates, factors):
+            acc += u[k].detach().to(torch.float64) * f
+        out[k] = (acc / total).to(torch.float32)
+    return out
+
+
+# --------------------------------------------------------------------------- bounded buffer
+
+
+@dataclass
+class BoundedBuffer:
+    """Fold state for non-fold rules: at most ``capacity`` (client_id, update, weight) entries, sorted by id."""
+
+    capacity: int
+    entries: list[tuple[str, Tensors, float]] = field(default_factory=list)
+
+
+def buffer_zero(capacity: int) -> BoundedBuffer:
+    if capacity < 1:
+        raise ValueError(f"capacity must be >= 1, got {capacity}")
+    return BoundedBuffer(int(capacity), [])
+
+
+def buffer_add(buf: BoundedBuffer, update: Tensors, weight: float, client_id) -> BoundedBuffer:
+    """Insert a copy of ``update`` in id order. Updates ``buf`` IN PLACE (the fold owns it) and returns it."""
+    cid = str(client_id)
+    weight = float(weight)
+    if weight < 0:
+        raise ValueError(f"weight must be >= 0, got {weight}")
+    ids = [e[0] for e in buf.entries]
+    i = bisect.bisect_left(ids, cid)
+    if i < len(ids) and ids[i] == cid:
+        raise ValueError(f"client {cid!r} is already in the buffer")
+    if len(ids) >= buf.capacity:
+        raise OverflowError(f"buffer is full ({buf.capacity} updates); cannot add client {cid!r}")
+    if buf.entries:
+        _check_same_layout([buf.entries[0][1], update])
+    # copy: the caller may reuse or train its tensors further; the buffer must not change with them
+    buf.entries.insert(i, (cid, {k: t.detach().clone() for k, t in update.items()}, weight))
+    return buf
+
+
+def buffer_merge(a: BoundedBuffer, b: BoundedBuffer) -> BoundedBuffer:
+    """Combine two partial buffers into a new one (entries shared, not copied; neither input is modified)."""
+    if a.capacity != b.capacity:
+        raise ValueError(f"cannot merge buffers of capacity {a.capacity} and {b.capacity}")
+    if len(a.entries) + len(b.entries) > a.capacity:
+        raise OverflowError(f"merged buffer would hold {len(a.entries) + len(b.entries)} > {a.capacity} updates")
+    dup = {e[0] for e in a.entries} & {e[0] for e in b.entries}
+    if dup:
+        raise ValueError(f"clients in both partials: {sorted(dup)[:5]}")
+    if a.entries and b.entries:
+        _check_same_layout([a.entries[0][1], b.entries[0][1]])
+    return BoundedBuffer(a.capacity, sorted(a.entries + b.entries, key=lambda e: e[0]))
+
+
+def buffer_updates(buf: BoundedBuffer) -> tuple[list[str], list[Tensors], list[float]]:
+    """``(client_ids, updates, weights)`` in client-id order."""
+    return [e[0] for e in buf.entries], [e[1] for e in buf.entries], [e[2] for e in buf.entries]
+
+
+RULES = ("median", "trimmed_mean", "norm_clip")
+
+
+def robust_aggregate(
+    buf: BoundedBuffer, rule: str, *, trim_fraction: float = 0.1, max_norm: float | None = None
+) -> Tensors:
+    """Apply the rule named ``rule`` to the buffer's updates."""
+    _, updates, weights = buffer_updates(buf)
+    if rule == "median":
+        return coordinate_median(updates)
+    if rule == "trimmed_mean":
+        return trimmed_mean(updates, trim_fraction)
+    if rule == "norm_clip":
+        if max_norm is None:
+            raise ValueError("rule 'norm_clip' needs max_norm")
+        return norm_clipped_mean(updates, weights, max_norm)
+    raise ValueError(f"unknown robust rule {rule!r}; choose from {RULES}")

@@ -1,0 +1,238 @@
+import itertools
+import math
+
+import pytest
+import torch
+
+from raysim.robust import (
+    buffer_add,
+    buffer_merge,
+    buffer_updates,
+    buffer_zero,
+    clip_by_norm,
+    coordinate_median,
+    norm_clipped_mean,
+    robust_aggregate,
+    trimmed_mean,
+)
+from raysim.screening import global_norm
+
+
+def _u(*vals, other=None):
+    """Update with key 'w' = vals and optionally key 'b' = other."""
+    out = {"w": torch.tensor(vals, dtype=torch.float32)}
+    if other is not None:
+        out["b"] = torch.tensor(other, dtype=torch.float32)
+    return out
+
+
+def _snapshot(updates):
+    return [{k: t.clone() for k, t in u.items()} for u in updates]
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --------------------------------------------------------------------------- median
+
+
+def test_median_odd_hand_computed():
+    ups = [_u(1.0, 10.0, other=[[0.0]]), _u(5.0, -2.0, other=[[7.0]]), _u(3.0, 4.0, other=[[-1.0]])]
+    m = coordinate_median(ups)
+    assert m["w"].tolist() == [3.0, 4.0]
+    assert m["b"].tolist() == [[0.0]] and m["b"].shape == (1, 1) and m["w"].dtype == torch.float32
+
+
+def test_median_even_is_mean_of_middle_two():
+    m = coordinate_median([_u(1.0), _u(5.0), _u(3.0), _u(100.0)])
+    assert m["w"].tolist() == [4.0]  # (3 + 5) / 2
+
+
+def test_median_resists_outlier_and_single():
+    ups = [_u(1.0), _u(1.1), _u(0.9), _u(1e9)]
+    assert abs(coordinate_median(ups)["w"].item() - 1.05) < 1e-6
+    assert coordinate_median([_u(2.5)])["w"].tolist() == [2.5]
+
+
+# --------------------------------------------------------------------------- trimmed mean
+
+
+def test_trimmed_mean_hand_computed():
+    ups = [_u(1.0), _u(2.0), _u(3.0), _u(100.0)]
+    assert trimmed_mean(ups, 0.25)["w"].tolist() == [2.5]  # k = 1: mean(2, 3)
+    assert trimmed_mean(ups, 0.0)["w"].tolist() == [26.5]  # plain mean
+
+
+def test_trimmed_mean_per_coordinate():
+    ups = [_u(1.0, 40.0), _u(2.0, 30.0), _u(3.0, 20.0), _u(100.0, 10.0), _u(-50.0, 0.0)]
+    # k = floor(0.2 * 5) = 1; w: drop -50 and 100 -> mean(1,2,3) = 2; second: drop 0, 40 -> 20
+    assert trimmed_mean(ups, 0.2)["w"].tolist() == [2.0, 20.0]
+    # k = floor(0.39 * 5) = 1 as well
+    assert trimmed_mean(ups, 0.39)["w"].tolist() == [2.0, 20.0]
+
+
+def test_trimmed_mean_rejects_trimming_everything():
+    with pytest.raises(ValueError):
+        trimmed_mean([_u(1.0), _u(2.0)], 0.5)  # fraction out of range
+    with pytest.raises(ValueError):
+        trimmed_mean([_u(1.0), _u(2.0), _u(3.0), _u(4.0)], 0.6)
+    # 2 updates, fraction 0.49 -> k = 0, fine
+    assert trimmed_mean([_u(1.0), _u(2.0)], 0.49)["w"].tolist() == [1.5]
+
+
+def test_rules_reject_mismatched_layouts():
+    with pytest.raises(ValueError, match="key mismatch"):
+        coordinate_median([_u(1.0), {"v": torch.zeros(1)}])
+    with pytest.raises(ValueError, match="shape mismatch"):
+        trimmed_mean([_u(1.0), _u(1.0, 2.0)], 0.0)
+    with pytest.raises(ValueError):
+        coordinate_median([])
+
+
+# --------------------------------------------------------------------------- clipping
+
+
+def test_clip_by_norm_hand_computed():
+    u = {"a": torch.tensor([3.0]), "b": torch.tensor([[4.0]], dtype=torch.float64)}  # norm 5
+    c = clip_by_norm(u, 1.0)
+    assert c["a"].tolist() == pytest.approx([0.6]) and c["b"].item() == pytest.approx(0.8)
+    assert c["a"].dtype == torch.float32 and c["b"].dtype == torch.float64
+    assert math.isclose(global_norm(c), 1.0, rel_tol=1e-6)
+    same = clip_by_norm(u, 5.0)  # at/below the bound: unchanged values, but new tensors
+    assert _same(same, u) and same["a"].data_ptr() != u["a"].data_ptr()
+
+
+def test_clip_rejects_bad_input():
+    with pytest.raises(ValueError):
+        clip_by_norm(_u(1.0), 0.0)
+    with pytest.raises(ValueError):
+        clip_by_norm(_u(float("nan")), 1.0)
+
+
+def test_norm_clipped_mean_hand_computed():
+    ups = [_u(3.0, 4.0), _u(0.0, 1.0), _u(300.0, 400.0)]  # norms 5, 1, 500
+    m = norm_clipped_mean(ups, [1.0, 1.0, 2.0], max_norm=5.0)
+    # clipped: (3,4), (0,1), (3,4) -> (1*3 + 0 + 2*3)/4, (1*4 + 1 + 2*4)/4
+    assert m["w"].tolist() == pytest.approx([9 / 4, 13 / 4])
+    with pytest.raises(ValueError):
+        norm_clipped_mean(ups, [1.0, 1.0], 5.0)
+    with pytest.raises(ValueError):
+        norm_clipped_mean(ups, [0.0, 0.0, 0.0], 5.0)
+
+
+def test_rules_do_not_mutate_inputs():
+    g = torch.Generator().manual_seed(0)
+    ups = [{"w": torch.randn(4, 3, generator=g), "b": torch.randn(2, generator=g)} for _ in range(5)]
+    before = _snapshot(ups)
+    coordinate_median(ups)
+    trimmed_mean(ups, 0.2)
+    norm_clipped_mean(ups, [1, 2, 3, 4, 5], 0.5)
+    for u in ups:
+        clip_by_norm(u, 0.1)
+    assert all(_same(a, b) for a, b in zip(ups, before))
+
+
+def test_rules_are_order_independent():
+    g = torch.Generator().manual_seed(1)
+    ups = [{"w": torch.randn(6, generator=g)} for _ in range(5)]
+    ref_med, ref_tm = coordinate_median(ups)["w"], trimmed_mean(ups, 0.2)["w"]
+    for perm in itertools.permutations(range(5)):
+        p = [ups[i] for i in perm]
+        assert torch.equal(coordinate_median(p)["w"], ref_med)
+        assert torch.equal(trimmed_mean(p, 0.2)["w"], ref_tm)
+
+
+def test_byzantine_sign_flip_scaled():
+    # 8 honest clients near +1, 2 attackers at -100: mean is dragged negative, robust rules are not
+    g = torch.Generator().manual_seed(2)
+    honest = [{"w": 1.0 + 0.1 * torch.randn(50, generator=g)} for _ in range(8)]
+    bad = [{"w": -100.0 * torch.ones(50)} for _ in range(2)]
+    ups = honest + bad
+    plain = sum(u["w"] for u in ups) / len(ups)
+    assert plain.mean() < -10
+    assert (coordinate_median(ups)["w"] - 1).abs().max() < 0.3
+    assert (trimmed_mean(ups, 0.2)["w"] - 1).abs().max() < 0.3
+    assert norm_clipped_mean(ups, [1.0] * 10, max_norm=8.0)["w"].mean() > 0.2
+
+
+# --------------------------------------------------------------------------- bounded buffer
+
+
+def _buf_from(items, capacity):
+    b = buffer_zero(capacity)
+    for cid, u, w in items:
+        buffer_add(b, u, w, cid)
+    return b
+
+
+def test_buffer_sorted_and_copies():
+    u = _u(1.0)
+    b = _buf_from([("c2", _u(2.0), 2.0), ("c1", u, 1.0), ("c3", _u(3.0), 3.0)], capacity=3)
+    ids, ups, ws = buffer_updates(b)
+    assert ids == ["c1", "c2", "c3"] and ws == [1.0, 2.0, 3.0]
+    assert [x["w"].item() for x in ups] == [1.0, 2.0, 3.0]
+    u["w"].add_(100.0)  # caller keeps training its tensor; the buffer must not change
+    assert buffer_updates(b)[1][0]["w"].item() == 1.0
+
+
+def test_buffer_capacity_and_duplicates():
+    b = _buf_from([("a", _u(1.0), 1.0)], capacity=2)
+    with pytest.raises(ValueError, match="already"):
+        buffer_add(b, _u(5.0), 1.0, "a")
+    buffer_add(b, _u(2.0), 1.0, "b")
+    with pytest.raises(OverflowError):
+        buffer_add(b, _u(3.0), 1.0, "c")
+    with pytest.raises(ValueError):
+        buffer_add(buffer_zero(2), _u(1.0), -1.0, "x")
+    with pytest.raises(ValueError):
+        buffer_zero(0)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        buffer_add(_buf_from([("a", _u(1.0), 1.0)], 3), _u(1.0, 2.0), 1.0, "b")
+
+
+def test_buffer_merge_order_independent_and_pure():
+    items = [(f"c{i}", _u(float(i * i % 7), float(-i)), float(i + 1)) for i in range(6)]
+    results = []
+    for perm in itertools.permutations(range(6), 6):
+        if len(results) > 40:
+            break
+        part = [items[i] for i in perm]
+        a, b = _buf_from(part[:2], 6), _buf_from(part[2:], 6)
+        a_ids, b_ids = buffer_updates(a)[0], buffer_updates(b)[0]
+        m = buffer_merge(a, b) if perm[0] % 2 else buffer_merge(b, a)
+        assert buffer_updates(a)[0] == a_ids and buffer_updates(b)[0] == b_ids  # inputs untouched
+        results.append(m)
+    ref_ids, ref_ups, ref_ws = buffer_updates(results[0])
+    assert ref_ids == [f"c{i}" for i in range(6)]
+    for m in results[1:]:
+        ids, ups, ws = buffer_updates(m)
+        assert ids == ref_ids and ws == ref_ws and all(_same(x, y) for x, y in zip(ups, ref_ups))
+    for rule in ("median", "trimmed_mean", "norm_clip"):
+        ref = robust_aggregate(results[0], rule, trim_fraction=0.2, max_norm=3.0)
+        assert all(_same(robust_aggregate(m, rule, trim_fraction=0.2, max_norm=3.0), ref) for m in results[1:])
+
+
+def test_buffer_merge_errors():
+    a = _buf_from([("a", _u(1.0), 1.0), ("b", _u(1.0), 1.0)], 3)
+    with pytest.raises(OverflowError):
+        buffer_merge(a, _buf_from([("c", _u(1.0), 1.0), ("d", _u(1.0), 1.0)], 3))
+    with pytest.raises(ValueError, match="both"):
+        buffer_merge(a, _buf_from([("b", _u(1.0), 1.0)], 3))
+    with pytest.raises(ValueError, match="capacity"):
+        buffer_merge(a, buffer_zero(4))
+    empty = buffer_merge(buffer_zero(3), buffer_zero(3))
+    assert buffer_updates(empty) == ([], [], [])
+    m = buffer_merge(a, buffer_zero(3))
+    assert buffer_updates(m)[0] == ["a", "b"] and m.entries is not a.entries
+
+
+def test_robust_aggregate_dispatch():
+    b = _buf_from([("a", _u(1.0), 1.0), ("b", _u(5.0), 1.0), ("c", _u(3.0), 2.0)], 3)
+    assert robust_aggregate(b, "median")["w"].tolist() == [3.0]
+    assert robust_aggregate(b, "trimmed_mean", trim_fraction=0.34)["w"].tolist() == [3.0]
+    assert robust_aggregate(b, "norm_clip", max_norm=2.0)["w"].tolist() == [(1 + 2 + 2 * 2) / 4]
+    with pytest.raises(ValueError):
+        robust_aggregate(b, "norm_clip")
+    with pytest.raises(ValueError, match="unknown"):
+        robust_aggregate(b, "krum")
