@@ -21,6 +21,8 @@ class RoundOutput:
     merge_s: float = 0.0
     requeued: list[int] = field(default_factory=list)  # clients re-run after their worker died
     worker_failures: int = 0
+    accepted: list[int] = field(default_factory=list)  # clients whose results were folded
+    late: list[int] = field(default_factory=list)  # sampled, but dropped (deadline / over-selection)
 
 
 class OrderedMerger:
@@ -76,13 +78,21 @@ class LocalPool:
     def start(self) -> None:
         self.worker.ready()
 
-    def run_round(self, msg, client_ids: list[int], versions: dict[int, int]) -> RoundOutput:
+    def run_round(self, msg, client_ids: list[int], versions: dict[int, int], keep: int | None = None, **_) -> RoundOutput:
+        """Runs clients in id order; with over-selection the first `keep` finish and the rest
+        are never started (in one process the first to finish are the first started)."""
         t0 = time.perf_counter()
-        part = self.worker.run(msg, client_ids, versions)
+        run = sorted(client_ids)[: keep or len(client_ids)]
+        part = self.worker.run(msg, run, versions)
         merger = OrderedMerger(self.algorithm, msg, [0])
         merger.add(part)
-        merger.out.transfer_s = max(0.0, time.perf_counter() - t0 - part.compute_s)
-        return merger.out
+        out = merger.out
+        out.transfer_s = max(0.0, time.perf_counter() - t0 - part.compute_s)
+        out.accepted, out.late = run, sorted(set(client_ids) - set(run))
+        return out
+
+    def client_call(self, fn, client_ids: list[int], *args) -> dict[int, Any]:
+        return self.worker.client_call(fn, client_ids, *args)
 
     def peak_rss_mb(self) -> list[float]:
         return []
@@ -146,7 +156,63 @@ class RayPool:
             groups.setdefault(self.home(cid), []).append(cid)
         return groups
 
-    def run_round(self, msg, client_ids: list[int], versions: dict[int, int]) -> RoundOutput:
+    def run_round(
+        self,
+        msg,
+        client_ids: list[int],
+        versions: dict[int, int],
+        keep: int | None = None,
+        deadline_s: float | None = None,
+        min_results: int | None = None,
+    ) -> RoundOutput:
+        if (keep is not None and keep < len(client_ids)) or deadline_s is not None:
+            return self._run_first_k(msg, client_ids, versions, keep or len(client_ids), deadline_s, min_results)
+        return self._run_all(msg, client_ids, versions)
+
+    def _run_first_k(self, msg, client_ids, versions, keep, deadline_s, min_results) -> RoundOutput:
+        """One task per client; fold the first `keep` results. After `deadline_s`, stop as
+        soon as `min_results` are in. Late results are dropped and counted, never folded."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        t0 = time.perf_counter()
+        msg_ref = ray.put(msg)
+        home = {cid: w for w, ids in self.groups(client_ids).items() for cid in ids}
+        pending = {self.workers[home[c]].run.remote(msg_ref, [c], versions): (c, home[c]) for c in client_ids}
+        accepted: dict[int, Partial] = {}
+        requeued, failures = [], 0
+        need_after_deadline = min(min_results or keep, keep)
+        while pending and len(accepted) < keep:
+            timeout = None
+            if deadline_s is not None:
+                left = deadline_s - (time.perf_counter() - t0)
+                if left <= 0 and len(accepted) >= need_after_deadline:
+                    break
+                timeout = max(left, 0.0) if left > 0 else None
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=timeout)
+            if not done:
+                continue  # deadline passed: loop re-checks whether enough results are in
+            cid, w = pending.pop(done[0])
+            try:
+                part = ray.get(done[0])
+            except RayActorError:
+                failures += 1
+                requeued.append(cid)
+                retry = (w + 1) % len(self.workers)
+                pending[self.workers[retry].run.remote(msg_ref, [cid], versions)] = (cid, retry)
+                continue
+            accepted[cid] = part
+        merger = OrderedMerger(self.algorithm, msg, sorted(accepted))
+        for cid, part in accepted.items():
+            part.worker = cid  # merge order: client id
+            merger.add(part)
+        out = merger.out
+        out.transfer_s = max(0.0, time.perf_counter() - t0 - out.compute_s - out.merge_s)
+        out.requeued, out.worker_failures = sorted(requeued), failures
+        out.accepted, out.late = sorted(accepted), sorted(c for c, _ in pending.values())
+        return out
+
+    def _run_all(self, msg, client_ids: list[int], versions: dict[int, int]) -> RoundOutput:
         import ray
         from ray.exceptions import RayActorError
 
@@ -175,6 +241,16 @@ class RayPool:
         out = merger.out
         out.transfer_s = max(0.0, time.perf_counter() - t0 - out.compute_s - out.merge_s)
         out.requeued, out.worker_failures = sorted(requeued), failures
+        out.accepted = sorted(client_ids)
+        return out
+
+    def client_call(self, fn, client_ids: list[int], *args) -> dict[int, Any]:
+        import ray
+
+        refs = [self.workers[w].client_call.remote(fn, ids, *args) for w, ids in self.groups(client_ids).items()]
+        out: dict[int, Any] = {}
+        for part in ray.get(refs):
+            out.update(part)
         return out
 
     def pids(self, timeout_s: float = 120.0) -> list[int]:

@@ -74,6 +74,10 @@ class ClientWorker:
         part.compute_s = time.perf_counter() - t0
         return part
 
+    def client_call(self, fn: Callable[..., Any], client_ids: list[int], *args: Any) -> dict[int, Any]:
+        """Run `fn(client_id, *args)` here for each client (e.g. advertise a SecAgg key)."""
+        return {cid: fn(cid, *args) for cid in sorted(client_ids)}
+
     def peak_rss_mb(self) -> float:
         return peak_rss_mb()
 

@@ -25,6 +25,10 @@ def _parser() -> argparse.ArgumentParser:
     pre = sub.add_parser("pretrain", help="pre-train (or find cached) the base model of a config")
     pre.add_argument("config")
     pre.add_argument("overrides", nargs="*")
+    from raysim import jobs, k8s
+
+    jobs.add_commands(sub)  # submit, jobs status|logs|stop|list
+    k8s.add_commands(sub)  # k8s render
     return p
 
 
@@ -34,7 +38,18 @@ def _fail(message: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may also come after options such as --out.
+    unknown = [x for x in extra if x.startswith("-") or "=" not in x]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        if not hasattr(args, "overrides"):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    if hasattr(args, "handler"):  # submit, jobs, k8s: they report their own errors
+        return args.handler(args)
     # Imported here so `raysim --help` and config errors come back fast.
     from raysim.checkpoint import CheckpointError
     from raysim.config import ConfigError, load_config
@@ -62,6 +77,9 @@ def _pretrain(cfg) -> int:
 
 def _run(cfg, args) -> int:
     from rich.console import Console
+
+    from raysim.checkpoint import CheckpointError
+    from raysim.config import ConfigError
 
     from raysim.report import summary_table
 
@@ -92,8 +110,8 @@ def _run(cfg, args) -> int:
             try:
                 return ray.get(driver.call.remote(method, *a))
             except ray.exceptions.RayTaskError as err:
-                cause = err.cause if hasattr(err, "cause") else None
-                if cause is not None and type(cause).__name__ in ("ConfigError", "CheckpointError"):
+                cause = getattr(err, "cause", None)
+                if isinstance(cause, (ConfigError, CheckpointError)):
                     raise cause from None
                 raise
 

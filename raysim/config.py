@@ -124,11 +124,58 @@ class RuntimeConfig(_Strict):
     # Client states a worker keeps in memory; beyond this they spill to disk (run_dir/client_state).
     state_memory_mb: Optional[float] = Field(None, gt=0)
     max_worker_restarts: int = Field(-1, ge=-1, description="-1: restart dead workers without limit")
+    # Stragglers: sample ceil(per_round * (1 + over_select)) clients, keep the first
+    # per_round results; after round_deadline_s stop waiting once min_results are in.
+    over_select: float = Field(0.0, ge=0, le=1)
+    round_deadline_s: Optional[float] = Field(None, gt=0)
+    min_results: Optional[int] = Field(None, ge=1)
     num_cpus_per_worker: float = Field(1.0, ge=0)
     num_gpus_per_worker: float = Field(0.0, ge=0)
     torch_threads: int = Field(1, ge=1, description="torch threads inside each worker")
     ray_address: Optional[str] = None  # None: start an embedded local Ray
     device: Literal["cpu", "cuda", "auto"] = "cpu"
+
+
+class RobustConfig(_Strict):
+    """Screening of client updates and the aggregation rule (see raysim/guard.py)."""
+
+    rule: Literal["mean", "median", "trimmed_mean", "norm_clip"] = "mean"
+    trim_fraction: float = Field(0.2, ge=0, lt=0.5)
+    clip_norm: float = Field(1.0, gt=0, description="norm_clip: each update is scaled to at most this norm")
+    max_update_norm: Optional[float] = Field(None, gt=0, description="reject updates with a larger L2 norm")
+    quarantine_strikes: int = Field(3, ge=1, description="rejections in a row before a client is quarantined")
+    quarantine_rounds: int = Field(5, ge=0)
+
+
+class PrivacyConfig(_Strict):
+    # Client-level DP (DP-FedAvg): clients clip their update, the driver adds Gaussian noise
+    # to the sum; epsilon per round from dp-accounting's RDP accountant.
+    dp: bool = False
+    clip_norm: float = Field(1.0, gt=0)
+    noise_multiplier: Optional[float] = Field(None, ge=0)
+    target_epsilon: Optional[float] = Field(None, gt=0, description="calibrate the noise to reach this after all rounds")
+    delta: float = Field(1e-5, gt=0, lt=1)
+    # SecAgg-style pairwise masking: the driver only sees masked updates and their exact sum.
+    secure_aggregation: bool = False
+    scale_bits: int = Field(24, ge=8, le=40)
+
+    @model_validator(mode="after")
+    def _check(self) -> "PrivacyConfig":
+        if self.dp and (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("privacy.dp needs exactly one of privacy.noise_multiplier or privacy.target_epsilon")
+        if self.dp and self.secure_aggregation:
+            raise ValueError("privacy.dp with privacy.secure_aggregation is not supported yet; choose one")
+        return self
+
+
+class FaultsConfig(_Strict):
+    """Simulated misbehaviour, for robustness experiments and tests."""
+
+    byzantine_fraction: float = Field(0.0, ge=0, lt=1, description="share of clients that attack")
+    attack: Literal["sign_flip", "scale"] = "sign_flip"
+    attack_scale: float = Field(10.0, gt=0)
+    nan_clients: list[int] = Field(default_factory=list, description="clients whose updates contain NaN")
+    slow_clients: dict[int, float] = Field(default_factory=dict, description="client id -> extra seconds")
 
 
 class EvalConfig(_Strict):
@@ -155,6 +202,9 @@ class ExperimentConfig(_Strict):
     runtime: RuntimeConfig = RuntimeConfig()
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    robust: RobustConfig = RobustConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    faults: FaultsConfig = FaultsConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "ExperimentConfig":
@@ -168,6 +218,15 @@ class ExperimentConfig(_Strict):
             problems.append(
                 "lora.client_ranks gives clients different ranks, which "
                 "algorithm.lora_aggregation 'factors' cannot average; use 'product' or 'hetlora'"
+            )
+        special = self.robust.rule != "mean" or self.privacy.dp or self.privacy.secure_aggregation
+        if special and self.lora.client_ranks:
+            problems.append(
+                "robust rules, DP and secure aggregation work on same-shape updates; drop lora.client_ranks"
+            )
+        if self.runtime.min_results and self.runtime.min_results > self.clients.per_round:
+            problems.append(
+                f"runtime.min_results ({self.runtime.min_results}) exceeds clients.per_round ({self.clients.per_round})"
             )
         if problems:
             raise ValueError("; ".join(problems))

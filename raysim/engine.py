@@ -3,10 +3,13 @@ It runs in the Driver actor (Ray) or in the CLI's process (local mode); the code
 the same, only the pool of client executors differs."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import math
 import shutil
 import time
+from collections import Counter
 from pathlib import Path
 
 import yaml
@@ -16,6 +19,8 @@ from actors.worker import peak_rss_mb
 from raysim import algorithms
 from raysim.checkpoint import load_latest, save_checkpoint
 from raysim.config import ConfigError, ExperimentConfig, config_from_dict, save_config
+from raysim.guard import Guarded, client_public_key, reveal_for_dropped
+from raysim.screening import Quarantine, reject_kind
 from raysim.seeding import derive_seed, sample_clients
 
 # Keys that may differ between the original run and its --resume: more rounds, another
@@ -84,6 +89,10 @@ class Engine:
         self.run = RunDir(run_dir)
         self.run.prepare(cfg, resume)
         self.algorithm = algorithms.load(cfg.algorithm.name)(cfg)
+        if hasattr(self.algorithm, "client_reference"):  # screening, robust rules, DP, SecAgg
+            self.algorithm = Guarded(self.algorithm, cfg)
+        self.guard = self.algorithm if isinstance(self.algorithm, Guarded) else None
+        self.quarantine = Quarantine(cfg.robust.quarantine_strikes, cfg.robust.quarantine_rounds)
         ckpt = load_latest(self.run.path) if resume else None
         # versions[c]: the round that wrote client c's current state (absent: never trained)
         self.versions: dict[int, int] = {}
@@ -95,6 +104,8 @@ class Engine:
             self.round, tensors, meta = ckpt
             self.state = self.algorithm.load_state_tensors(tensors)
             self.versions = {int(c): v for c, v in meta.get("client_versions", {}).items()}
+            if "quarantine" in meta:
+                self.quarantine = Quarantine.from_dict(meta["quarantine"])
             self.history = self.run.truncate_metrics(self.round)
         seed_fn = functools.partial(derive_seed, cfg.seed)
         state_root = str(self.run.client_state)
@@ -138,25 +149,67 @@ class Engine:
     def done(self) -> bool:
         return self.round >= self.cfg.rounds
 
+    def _sample(self, r: int) -> tuple[list[int], int]:
+        """This round's clients (quarantined ones excluded) and how many results to keep."""
+        cfg, rt = self.cfg, self.cfg.runtime
+        excluded = {int(c) for c in self.quarantine.quarantined(r)}
+        available = cfg.clients.total - len(excluded)
+        keep = min(cfg.clients.per_round, available)
+        n = min(available, math.ceil(keep * (1 + rt.over_select)))
+        return sample_clients(cfg.seed, r, cfg.clients.total, n, exclude=excluded), keep
+
     def run_round(self) -> dict:
-        cfg = self.cfg
+        cfg, rt = self.cfg, self.cfg.runtime
         r = self.round + 1
         t0 = time.perf_counter()
-        client_ids = sample_clients(cfg.seed, r, cfg.clients.total, cfg.clients.per_round)
+        client_ids, keep = self._sample(r)
         msg = self.algorithm.broadcast(self.state, r, client_ids)
-        out = self.pool.run_round(msg, client_ids, {c: self.versions[c] for c in client_ids if c in self.versions})
-        for c in client_ids:
+        secagg_dir = str(self.run.path / "secagg_secrets")
+        if cfg.privacy.secure_aggregation:
+            # Key advertisement: each client's public key, computed where the client runs.
+            public = self.pool.client_call(client_public_key, client_ids, r, secagg_dir)
+            msg = dataclasses.replace(msg, payload={**msg.payload, "secagg_public": public, "secagg_dir": secagg_dir})
+        versions = {c: self.versions[c] for c in client_ids if c in self.versions}
+        out = self.pool.run_round(
+            msg,
+            client_ids,
+            versions,
+            keep=keep if len(client_ids) > keep else None,
+            deadline_s=rt.round_deadline_s,
+            min_results=rt.min_results,
+        )
+        for c in out.accepted:
             self.versions[c] = r
         t_agg = time.perf_counter()
-        self.state = self.algorithm.finalize(self.state, out.acc)
+        extra = {}
+        if self.guard is not None:
+            self.guard.round = r
+            if cfg.privacy.secure_aggregation and out.late:
+                dropped = {d: msg.payload["secagg_public"][d] for d in out.late}
+                revealed = {}
+                for seeds in self.pool.client_call(reveal_for_dropped, out.accepted, dropped, r, secagg_dir).values():
+                    revealed.update(seeds)
+                extra["revealed"] = revealed
+        self.state = self.algorithm.finalize(self.state, out.acc, **extra)
         aggregate_s = out.merge_s + time.perf_counter() - t_agg
         record = {
             "round": r,
-            "clients": client_ids,
+            "clients": out.accepted,
             "num_examples": out.num_examples,
             "bytes_up": out.bytes_up,
             "bytes_down": out.bytes_down,
         }
+        if len(client_ids) != len(out.accepted) or rt.round_deadline_s:
+            record["sampled"], record["late"] = client_ids, out.late
+        if self.guard is not None:
+            rejected = out.acc.rejected
+            for c in out.accepted:
+                self.quarantine.record(c, r, c not in rejected)
+            record["rejected"] = dict(Counter(reject_kind(v) for v in rejected.values()))
+            record["rejected_clients"] = sorted(rejected)
+            record["quarantined"] = sorted(int(c) for c in self.quarantine.quarantined(r + 1))
+            if cfg.privacy.dp:
+                record["epsilon"] = self.guard.epsilon(r)
         losses = [m["train_loss"] for m in out.client_metrics.values() if m.get("train_loss") == m.get("train_loss")]
         record["train_loss"] = sum(losses) / len(losses) if losses else float("nan")
         t_eval = time.perf_counter()
@@ -165,7 +218,11 @@ class Engine:
         eval_s = time.perf_counter() - t_eval
         t_ckpt = time.perf_counter()
         if r % cfg.checkpoint.every == 0 or r == cfg.rounds:
-            meta = {"seed": cfg.seed, "client_versions": {str(c): v for c, v in sorted(self.versions.items())}}
+            meta = {
+                "seed": cfg.seed,
+                "client_versions": {str(c): v for c, v in sorted(self.versions.items())},
+                "quarantine": self.quarantine.to_dict(),
+            }
             save_checkpoint(self.run.path, r, self.algorithm.state_tensors(self.state), meta, cfg.checkpoint.keep_last)
         checkpoint_s = time.perf_counter() - t_ckpt
         record.update(

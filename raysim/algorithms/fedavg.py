@@ -69,6 +69,10 @@ class FedAvg:
         sent = vlm_lora.for_client(msg.tensors, rank, vlm_lora.max_rank(self.cfg))
         return sum(t.numel() * t.element_size() for t in sent.values())
 
+    def client_reference(self, msg: Broadcast, client_id: int) -> Tensors:
+        """What this client was sent: its update is its result minus this."""
+        return vlm_lora.for_client(msg.tensors, vlm_lora.client_rank(self.cfg, client_id), vlm_lora.max_rank(self.cfg))
+
     def client_step(self, ctx: ClientContext, msg: Broadcast) -> ClientResult:
         rank = vlm_lora.client_rank(self.cfg, ctx.client_id)
         start = vlm_lora.for_client(msg.tensors, rank, vlm_lora.max_rank(self.cfg))

@@ -1,0 +1,157 @@
+"""Hostile and faulty clients, privacy: screening, quarantine, robust rules, DP, SecAgg, stragglers."""
+import json
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from actors.protocol import Broadcast, ClientContext, ClientResult
+from conftest import tiny_overrides
+from raysim.cli import main
+from raysim.config import load_config
+from raysim.guard import Guarded, client_public_key
+
+FAST = {"clients.per_round": 4, "eval.every": 100}
+
+
+def run(tmp_path, name, **over):
+    out = tmp_path / name
+    assert main(["run", "configs/quickstart.yaml", *tiny_overrides(**{**FAST, **over}), "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def final(out):
+    return load_file(str(sorted((out / "checkpoints").iterdir())[-1] / "server.safetensors"))
+
+
+def distance(a, b):
+    return float(torch.sqrt(sum(((a[k].double() - b[k].double()) ** 2).sum() for k in a)))
+
+
+def test_bad_updates_are_rejected_counted_and_quarantined(tmp_path):
+    out = run(tmp_path, "nan", rounds=3, **{"faults.nan_clients": "[0,1,2,3,4,5,6,7,8,9]", "robust.quarantine_strikes": 1})
+    recs = records(out)[1:]
+    assert sum(sum(r["rejected"].values()) for r in recs) >= 3
+    for r in recs:
+        assert set(r["rejected_clients"]) == {c for c in r["clients"] if c < 10}
+        assert set(r["rejected"]) <= {"nonfinite"}
+        assert all(c >= 10 for c in r["clients"] if c not in r["rejected_clients"])
+    # a rejected client sits out the next rounds
+    for prev, cur in zip(recs, recs[1:]):
+        assert not set(prev["rejected_clients"]) & set(cur["clients"])
+    assert all(torch.isfinite(t).all() for t in final(out).values())
+
+
+def test_norm_bound_rejects_large_updates(tmp_path):
+    out = run(tmp_path, "norm", rounds=1, **{"robust.max_update_norm": 1e-6})
+    rec = records(out)[1]
+    assert rec["rejected"] == {"norm": 4} and rec["quarantined"] == []
+
+
+def test_median_resists_byzantine_clients_where_mean_does_not(tmp_path):
+    attack = {"rounds": 1, "faults.byzantine_fraction": 0.25, "faults.attack_scale": 20.0}
+    clean = final(run(tmp_path, "clean", rounds=1))
+    mean = final(run(tmp_path, "mean", **attack))
+    median = final(run(tmp_path, "median", **attack, **{"robust.rule": "median"}))
+    trimmed = final(run(tmp_path, "trim", **attack, **{"robust.rule": "trimmed_mean", "robust.trim_fraction": 0.25}))
+    assert distance(median, clean) < 0.5 * distance(mean, clean)
+    assert distance(trimmed, clean) < 0.5 * distance(mean, clean)
+
+
+def test_dp_reports_growing_epsilon_and_adds_noise(tmp_path):
+    out = run(tmp_path, "dp", rounds=3, **{"privacy.dp": "true", "privacy.noise_multiplier": 1.0})
+    eps = [r["epsilon"] for r in records(out)[1:]]
+    assert 0 < eps[0] < eps[1] < eps[2]
+    quiet = run(tmp_path, "dp0", rounds=3, **{"privacy.dp": "true", "privacy.noise_multiplier": 0.0})
+    # noise std 1.0 * clip 1.0 / 4 clients per coordinate: far beyond the clipped updates
+    per_coord = distance(final(out), final(quiet)) / sum(t.numel() for t in final(out).values()) ** 0.5
+    assert 0.25 < per_coord < 0.6
+
+
+def _guarded_clients(tmp_path):
+    cfg = load_config("configs/quickstart.yaml", tiny_overrides(**{"privacy.secure_aggregation": "true"}))
+
+    class Echo:  # a client whose update is known: reference + (client id + 1) * 0.01
+        def client_step(self, ctx, msg):
+            return ClientResult(ctx.client_id, 10 + ctx.client_id, {k: v + 0.01 * (ctx.client_id + 1) for k, v in msg.tensors.items()})
+
+        def client_reference(self, msg, cid):
+            return msg.tensors
+
+    guard = Guarded(Echo(), cfg)
+    ref = {"w": torch.randn(64, generator=torch.Generator().manual_seed(0))}
+    ids = [0, 1, 2]
+    secrets = str(tmp_path / "secrets")
+    public = {c: client_public_key(c, 1, secrets) for c in ids}
+    msg = Broadcast(1, ref, {"secagg_public": public, "secagg_dir": secrets})
+    results = [guard.client_step(ClientContext(c, 1, 0, None, None, {}), msg) for c in ids]
+    return guard, ref, msg, results
+
+
+def test_secagg_driver_sees_only_masked_updates_and_the_exact_sum(tmp_path):
+    guard, ref, msg, results = _guarded_clients(tmp_path)
+    for res in results:  # what leaves a client is uniform noise, not its update
+        plain = np.round((0.01 * (res.client_id + 1)) * (10 + res.client_id) * 2**24)
+        assert not np.any(res.tensors["w"].numpy() == plain)
+    acc = guard.zero(msg)
+    for res in results:
+        guard.accumulate(acc, res)
+    new = guard.finalize(ref, acc)
+    expected = ref["w"] + sum((10 + c) * 0.01 * (c + 1) for c in range(3)) / 33
+    torch.testing.assert_close(new["w"], expected, rtol=0, atol=1e-6)
+
+
+def test_secagg_recovers_a_dropped_clients_masks(tmp_path):
+    from raysim.guard import reveal_for_dropped
+
+    guard, ref, msg, results = _guarded_clients(tmp_path)
+    acc = guard.zero(msg)
+    for res in results[:2]:  # client 2 drops after the keys were exchanged
+        guard.accumulate(acc, res)
+    revealed = {}
+    for c in (0, 1):
+        revealed.update(reveal_for_dropped(c, {2: msg.payload["secagg_public"][2]}, 1, msg.payload["secagg_dir"]))
+    new = guard.finalize(ref, acc, revealed=revealed)
+    expected = ref["w"] + (10 * 0.01 + 11 * 0.02) / 21
+    torch.testing.assert_close(new["w"], expected, rtol=0, atol=1e-6)
+
+
+def test_secagg_run_matches_plain_run(tmp_path):
+    # one round: later rounds would amplify the fixed-point rounding through training
+    plain = final(run(tmp_path, "plain", rounds=1, **{"runtime.over_select": 0.5}))
+    masked = final(run(tmp_path, "masked", rounds=1, **{"runtime.over_select": 0.5, "privacy.secure_aggregation": "true"}))
+    for k in plain:
+        torch.testing.assert_close(plain[k], masked[k], rtol=0, atol=1e-5)
+
+
+def test_straggler_is_dropped_counted_and_never_folded(tmp_path, ray_cluster):
+    cfg = load_config("configs/quickstart.yaml", tiny_overrides(**FAST))
+    from raysim.seeding import sample_clients
+
+    slow = sample_clients(cfg.seed, 1, cfg.clients.total, 4)[0]
+    out = run(
+        tmp_path,
+        "slow",
+        rounds=1,
+        **{
+            "runtime.num_workers": 2,
+            "runtime.round_deadline_s": 3.0,
+            "runtime.min_results": 3,
+            f"faults.slow_clients.{slow}": 30.0,
+        },
+    )
+    rec = records(out)[1]
+    # clients queued behind the straggler on its worker may be late too
+    assert slow in rec["late"] and slow not in rec["clients"] and len(rec["clients"]) >= 3
+    assert sorted(rec["clients"] + rec["late"]) == rec["sampled"]
+    assert rec["num_examples"] == sum(len(p) for c, p in enumerate(_partition(cfg)) if c in rec["clients"])
+
+
+def _partition(cfg):
+    from raysim.data import FederatedData
+
+    return FederatedData(cfg.data, cfg.clients.total, cfg.model.max_text_len, cfg.seed).client_partition
