@@ -43,6 +43,7 @@ class OrderedMerger:
             t0 = time.perf_counter()
             out = self.out
             out.acc = self.algorithm.merge(out.acc, p.acc)
+            p.acc = None  # drop the partial now, not when the round ends
             out.merge_s += time.perf_counter() - t0
             out.client_metrics.update(p.client_metrics)
             out.num_examples += p.num_examples
@@ -170,15 +171,27 @@ class RayPool:
         return self._run_all(msg, client_ids, versions)
 
     def _run_first_k(self, msg, client_ids, versions, keep, deadline_s, min_results) -> RoundOutput:
-        """One task per client; fold the first `keep` results. After `deadline_s`, stop as
-        soon as `min_results` are in. Late results are dropped and counted, never folded."""
+        """Clients are pulled from a queue one at a time by whichever worker is free, so a
+        straggler holds up only its own worker. The first `keep` results are folded; after
+        `deadline_s`, the round ends as soon as `min_results` are in. Results still running
+        or never started are dropped and counted as late, never folded."""
         import ray
         from ray.exceptions import RayActorError
 
         t0 = time.perf_counter()
         msg_ref = ray.put(msg)
-        home = {cid: w for w, ids in self.groups(client_ids).items() for cid in ids}
-        pending = {self.workers[home[c]].run.remote(msg_ref, [c], versions): (c, home[c]) for c in client_ids}
+        queue = sorted(client_ids, key=lambda c: (self.home(c), c))
+        pending: dict = {}
+
+        def dispatch(w: int) -> None:
+            if queue:
+                # prefer a client whose state lives on this worker
+                pick = next((c for c in queue if self.home(c) == w), queue[0])
+                queue.remove(pick)
+                pending[self.workers[w].run.remote(msg_ref, [pick], versions)] = (pick, w)
+
+        for w in range(min(len(self.workers), len(queue))):
+            dispatch(w)
         accepted: dict[int, Partial] = {}
         requeued, failures = [], 0
         need_after_deadline = min(min_results or keep, keep)
@@ -188,20 +201,19 @@ class RayPool:
                 left = deadline_s - (time.perf_counter() - t0)
                 if left <= 0 and len(accepted) >= need_after_deadline:
                     break
-                timeout = max(left, 0.0) if left > 0 else None
+                timeout = left if left > 0 else None
             done, _ = ray.wait(list(pending), num_returns=1, timeout=timeout)
             if not done:
-                continue  # deadline passed: loop re-checks whether enough results are in
+                continue  # the deadline passed: re-check whether enough results are in
             cid, w = pending.pop(done[0])
             try:
-                part = ray.get(done[0])
+                accepted[cid] = ray.get(done[0])
             except RayActorError:
                 failures += 1
                 requeued.append(cid)
-                retry = (w + 1) % len(self.workers)
-                pending[self.workers[retry].run.remote(msg_ref, [cid], versions)] = (cid, retry)
-                continue
-            accepted[cid] = part
+                queue.insert(0, cid)
+                w = (w + 1) % len(self.workers)
+            dispatch(w)
         merger = OrderedMerger(self.algorithm, msg, sorted(accepted))
         for cid, part in accepted.items():
             part.worker = cid  # merge order: client id
@@ -209,7 +221,8 @@ class RayPool:
         out = merger.out
         out.transfer_s = max(0.0, time.perf_counter() - t0 - out.compute_s - out.merge_s)
         out.requeued, out.worker_failures = sorted(requeued), failures
-        out.accepted, out.late = sorted(accepted), sorted(c for c, _ in pending.values())
+        out.accepted = sorted(accepted)
+        out.late = sorted([c for c, _ in pending.values()] + queue)
         return out
 
     def _run_all(self, msg, client_ids: list[int], versions: dict[int, int]) -> RoundOutput:

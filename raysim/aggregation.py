@@ -41,6 +41,20 @@ class WeightedSum:
     count: int = 0  # number of updates folded
     bound: float = 0.0  # sum of the largest |term| of each add: guards int64 overflow
 
+    # Sums travel as numpy arrays, which Ray reads zero-copy from its object store: the
+    # driver merges a worker's partial without holding a private copy of it. A received
+    # partial is read-only (merges only read their second argument).
+    def __getstate__(self):
+        return {**self.__dict__, "sums": {k: t.numpy() for k, t in self.sums.items()}}
+
+    def __setstate__(self, state):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only buffers, see above
+            state["sums"] = {k: torch.from_numpy(a) for k, a in state["sums"].items()}
+        self.__dict__.update(state)
+
 
 def ws_zero() -> WeightedSum:
     return WeightedSum(0.0, {}, 0, 0.0)
@@ -113,10 +127,38 @@ def ws_merge(a: WeightedSum, b: WeightedSum) -> WeightedSum:
     return WeightedSum(a.weight + b.weight, sums, a.count + b.count, a.bound + b.bound)
 
 
+def ws_merge_into(acc: WeightedSum, other: WeightedSum) -> WeightedSum:
+    """Add `other` into `acc` in place (the fold owns `acc`; `other` is only read).
+    The driver merges worker partials this way, so it holds one accumulator plus the
+    partial being added, never a third copy."""
+    if not other.count:
+        return acc
+    if not acc.count:
+        acc.sums = {k: t.clone() for k, t in other.sums.items()}
+    else:
+        _check_compatible(acc.sums, other.sums)
+        if acc.bound + other.bound >= _INT64_SAFE:
+            raise ValueError("exact-sum overflow while merging partials; clip updates first")
+        for k, t in other.sums.items():
+            acc.sums[k].add_(t)
+    acc.weight += other.weight
+    acc.count += other.count
+    acc.bound += other.bound
+    return acc
+
+
 def ws_mean(acc: WeightedSum) -> Tensors:
     if acc.weight <= 0:
         raise ValueError(f"cannot take a mean with total weight {acc.weight} (count={acc.count})")
-    return {k: (s.to(torch.float64) / _SCALE / acc.weight).to(torch.float32) for k, s in acc.sums.items()}
+    return {k: _fixed_to_float32(s, _SCALE * acc.weight) for k, s in acc.sums.items()}
+
+
+def _fixed_to_float32(s: torch.Tensor, divisor: float, chunk: int = 1 << 20) -> torch.Tensor:
+    # chunked, so the driver never holds a float64 copy of a large sum next to the result
+    flat, out = s.reshape(-1), torch.empty(s.numel(), dtype=torch.float32)
+    for i in range(0, flat.numel(), chunk):
+        out[i : i + chunk] = flat[i : i + chunk].to(torch.float64).div_(divisor)
+    return out.reshape(s.shape)
 
 
 # --------------------------------------------------------------------------- LoRA key helpers

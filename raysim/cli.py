@@ -103,7 +103,8 @@ def _run(cfg, args) -> int:
             if rt.ray_address:
                 ray.init(address=rt.ray_address, logging_level="ERROR")
             else:
-                ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
+                # address="local": always a new embedded Ray, never a `ray start` cluster found on the machine
+                ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
         driver = Driver.remote(Engine, cfg.to_dict(), str(out.resolve()), args.resume)
 
         def call(method, *a):

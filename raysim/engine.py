@@ -210,8 +210,9 @@ class Engine:
             record["quarantined"] = sorted(int(c) for c in self.quarantine.quarantined(r + 1))
             if cfg.privacy.dp:
                 record["epsilon"] = self.guard.epsilon(r)
-        losses = [m["train_loss"] for m in out.client_metrics.values() if m.get("train_loss") == m.get("train_loss")]
-        record["train_loss"] = sum(losses) / len(losses) if losses else float("nan")
+        losses = [m["train_loss"] for m in out.client_metrics.values() if m.get("train_loss", math.nan) == m.get("train_loss", math.nan)]
+        if losses:
+            record["train_loss"] = sum(losses) / len(losses)
         t_eval = time.perf_counter()
         if r % cfg.eval.every == 0 or r == cfg.rounds:
             record.update(self.algorithm.evaluate(self.state))

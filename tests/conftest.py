@@ -14,7 +14,7 @@ def ray_cluster():
     """One embedded Ray for the whole session (ray.init takes ~5 s)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     yield ray
     ray.shutdown()
 

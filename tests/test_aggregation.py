@@ -328,3 +328,17 @@ def test_exact_sum_rejects_nonfinite_and_out_of_range():
         ws_add(ws_zero(), {"w": torch.tensor([float("nan")])}, 1.0)
     with pytest.raises(ValueError, match="exact-sum range"):
         ws_add(ws_zero(), {"w": torch.tensor([3e9])}, 1.0)
+
+
+def test_merge_into_equals_pure_merge_and_leaves_other_untouched():
+    a, b = ws_zero(), ws_zero()
+    ws_add(a, {"w": T([1.0, 2.0])}, 1.0)
+    ws_add(b, {"w": T([5.0, 6.0])}, 3.0)
+    expected = ws_merge(a, b)
+    b_before = b.sums["w"].clone()
+    from raysim.aggregation import ws_merge_into
+
+    into = ws_merge_into(ws_merge_into(ws_zero(), a), b)
+    assert torch.equal(into.sums["w"], expected.sums["w"]) and into.weight == 4.0 and into.count == 2
+    assert torch.equal(b.sums["w"], b_before)
+    assert ws_mean(into)["w"].tolist() == [4.0, 5.0]

@@ -145,8 +145,8 @@ def test_straggler_is_dropped_counted_and_never_folded(tmp_path, ray_cluster):
         },
     )
     rec = records(out)[1]
-    # clients queued behind the straggler on its worker may be late too
-    assert slow in rec["late"] and slow not in rec["clients"] and len(rec["clients"]) >= 3
+    # free workers pull the other clients, so only the straggler is late
+    assert rec["late"] == [slow] and len(rec["clients"]) == 3
     assert sorted(rec["clients"] + rec["late"]) == rec["sampled"]
     assert rec["num_examples"] == sum(len(p) for c, p in enumerate(_partition(cfg)) if c in rec["clients"])
 

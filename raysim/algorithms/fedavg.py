@@ -88,7 +88,7 @@ class FedAvg:
         return vlm_lora.adapter_fold_add(acc, result.tensors, float(result.num_examples), self.cfg)
 
     def merge(self, a: agg.WeightedSum, b: agg.WeightedSum) -> agg.WeightedSum:
-        return agg.ws_merge(a, b)
+        return agg.ws_merge_into(a, b)  # `a` is the fold's own accumulator
 
 
 ALGORITHM = FedAvg
