@@ -22,6 +22,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="run directory (default: runs/<config name>)")
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     run.add_argument("--quiet", action="store_true", help="no progress display")
+    run.add_argument("--timeline", metavar="FILE", help="write Ray's task timeline (chrome://tracing JSON) here")
     pre = sub.add_parser("pretrain", help="pre-train (or find cached) the base model of a config")
     pre.add_argument("config")
     pre.add_argument("overrides", nargs="*")
@@ -128,6 +129,14 @@ def _run(cfg, args) -> int:
             _show(console, call("run_round"), cfg.rounds)
         summary = call("finish", peak_rss_mb() if rt.num_workers else 0.0, memory.sample())
         shutdown()
+    if args.timeline:
+        if rt.num_workers:
+            import ray
+
+            ray.timeline(filename=args.timeline)
+            console.print(f"timeline: {args.timeline}")
+        else:
+            console.print("--timeline needs Ray (runtime.num_workers > 0); local mode has no Ray tasks")
     console.print(summary_table(summary))
     console.print(f"run directory: {out}")
     return 0

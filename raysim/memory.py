@@ -8,12 +8,14 @@ import threading
 import psutil
 
 
-def tree_memory_mb(root: psutil.Process) -> float:
+def tree_memory_mb(root: psutil.Process, kind: str = "pss") -> float:
+    """PSS (shared pages split among their users) or USS (pages no other process maps:
+    unaffected by unrelated processes coming and going, so best for trends)."""
     total = 0
     for proc in [root, *root.children(recursive=True)]:
         try:
             info = proc.memory_full_info()
-            total += getattr(info, "pss", info.rss)
+            total += getattr(info, kind, info.rss)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return total / 2**20

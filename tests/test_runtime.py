@@ -52,7 +52,10 @@ def test_local_run_writes_everything_and_is_deterministic(tmp_path):
 
 def test_ray_pool_matches_local_mode(tmp_path, ray_cluster):
     local = run(tmp_path, "local", rounds=2)
-    pooled = run(tmp_path, "pooled", **{"rounds": 2, "runtime.num_workers": 2})
+    timeline = tmp_path / "timeline.json"
+    pooled = run(tmp_path, "pooled", "--timeline", str(timeline), **{"rounds": 2, "runtime.num_workers": 2})
+    events = json.loads(timeline.read_text())
+    assert sum(e.get("name") == "run" for e in events) >= 2  # the workers' client batches
     rl, rp = records(local), records(pooled)
     assert [r["clients"] for r in rl] == [r["clients"] for r in rp]
     for x, y in zip(rl, rp):

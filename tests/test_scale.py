@@ -82,3 +82,14 @@ def test_driver_memory_bounded_by_partials_not_clients(tmp_path, ray_cluster):
     # int64 accumulator (2 updates), the new float32 state (1) and the serialised broadcast
     # (<1): measured 3.8, see docs/benchmarks.md; 200 updates held at once would be 200.
     assert r["uss_growth_in_updates"] <= 4.5, r
+
+
+def test_soak_memory_is_flat(tmp_path, ray_cluster):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from soak import soak
+
+    r = soak(rounds=60, clients=100, synthetic=True, run_dir=str(tmp_path / "soak"), warmup=15)
+    assert r["growth_pct"] < 5.0, r
