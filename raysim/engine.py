@@ -213,6 +213,8 @@ class Engine:
         losses = [m["train_loss"] for m in out.client_metrics.values() if m.get("train_loss", math.nan) == m.get("train_loss", math.nan)]
         if losses:
             record["train_loss"] = sum(losses) / len(losses)
+        if hasattr(self.algorithm, "round_metrics"):  # e.g. fedlarge's per-client contribution
+            record.update(self.algorithm.round_metrics())
         t_eval = time.perf_counter()
         if r % cfg.eval.every == 0 or r == cfg.rounds:
             record.update(self.algorithm.evaluate(self.state))
@@ -268,6 +270,8 @@ class Engine:
             # Peak of the whole process tree at one moment, shared pages counted once.
             "peak_memory_mb": run_peak_pss_mb,
         }
+        if hasattr(self.algorithm, "summary_extra"):
+            summary.update(self.algorithm.summary_extra(self.history))
         (self.run.path / "summary.json").write_text(json.dumps(summary, indent=1))
         self.pool.shutdown()
         return summary

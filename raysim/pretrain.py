@@ -80,7 +80,15 @@ def train_base(cfg: ExperimentConfig, data: FederatedData, log=print):
 def pretrained_base_dir(cfg: ExperimentConfig, data: FederatedData | None = None, log=print) -> Path:
     """Directory of the cached base checkpoint (save_pretrained format), built if missing."""
     if cfg.model.kind == "pretrained":
-        return Path(cfg.model.path)
+        path = Path(cfg.model.path)
+        if not (path / "config.json").is_file():
+            from raysim.config import ConfigError
+
+            raise ConfigError(
+                f"model.path {path} is not a Hugging Face checkpoint directory (no config.json there); "
+                "point it at a directory written by save_pretrained"
+            )
+        return path
     target = cache_root() / "pretrain" / pretrain_key(cfg)
     if (target / "config.json").is_file():
         return target

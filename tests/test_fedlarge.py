@@ -1,0 +1,219 @@
+"""FedLarge (raysim/algorithms/fedlarge.py, models/minilm.py): the offline MiniLM tower,
+loading any VLM checkpoint directory, DeepSpeed ZeRO-2/3 against plain torch, quality
+scores and contribution scores."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from models import minilm
+from raysim.algorithms import fedlarge
+from raysim.config import load_config
+from raysim.engine import Engine
+
+CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "fedlarge.yaml")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_cfg(**extra):
+    """The tiny CLIP base of the rest of the suite (cached), through fedlarge."""
+    base = {
+        "algorithm.options.base": "config",
+        "algorithm.options.caption_noise.clients": "[]",
+        "algorithm.options.quality": "none",
+        "lora.target_modules": "[q_proj,v_proj]",
+        "model.max_text_len": 16,
+        "train.keep_optimizer_state": "false",
+        "clients.total": 6,
+        "clients.per_round": 3,
+    }
+    base.update(extra)
+    return load_config(CONFIG, tiny_overrides(**base))
+
+
+def run(cfg, out) -> Engine:
+    engine = Engine(cfg.to_dict(), str(out), resume=False)
+    engine.start()
+    while not engine.done():
+        engine.run_round()
+    engine.finish()
+    return engine
+
+
+# --- models ------------------------------------------------------------------------
+
+def test_minilm_tower_is_the_pretrained_sentence_embedder():
+    emb = minilm.minilm_sentence_embeddings(
+        ["a photo of the digit seven", "an image of the number seven", "the stock market fell sharply today"]
+    )
+    sim = emb @ emb.T
+    assert emb.shape == (3, 384)
+    assert sim[0, 1] > 0.7  # paraphrases
+    assert sim[0, 2] < 0.2 and sim[1, 2] < 0.2  # unrelated
+
+
+@pytest.mark.parametrize("tower", ["vit", "resnet"])
+def test_minilm_dual_encoder_round_trips_through_the_loader(tmp_path, tower):
+    vision = minilm.image_tower_config(tower, image_size=16, patch_size=8, hidden_size=16, num_layers=1,
+                                       num_heads=2, intermediate_size=32)
+    model = minilm.build_minilm_dual_encoder(vision, projection_dim=8, seed=0)
+    tok = minilm.load_minilm_tokenizer()
+    minilm.save_with_tokenizer(model, tmp_path, tok)
+    loaded = minilm.load_vlm(tmp_path)
+    batch = minilm.load_vlm_tokenizer(tmp_path)(["a handwritten two", "a small picture of a nine"], padding=True,
+                                                 return_tensors="pt")
+    x = torch.randn(2, 3, 16, 16)
+    a = model(pixel_values=x, **batch)
+    b = loaded(pixel_values=x, **batch)
+    assert type(loaded) is minilm.MeanPoolDualEncoder
+    torch.testing.assert_close(a.logits_per_image, b.logits_per_image)
+    # mean pooling, not BERT's [CLS] pooler: the text embedding is the projected masked mean
+    hidden = loaded.text_model(**batch).last_hidden_state
+    expect = loaded.text_projection(minilm.mean_pool(hidden, batch["attention_mask"]))
+    torch.testing.assert_close(loaded.get_text_features(**batch).pooler_output, expect)
+
+
+def _tiny_checkpoints():
+    from transformers import (CLIPConfig, CLIPModel, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, SiglipConfig, SiglipModel, BertConfig, ViTConfig,
+                              VisionTextDualEncoderConfig, VisionTextDualEncoderModel)
+
+    common = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    vision = dict(common, image_size=16, patch_size=8)
+    text = dict(common, vocab_size=64, max_position_embeddings=16)
+    ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=3)
+    yield "clip", CLIPModel(CLIPConfig(text_config=dict(text, **ids), vision_config=vision, projection_dim=8))
+    yield "siglip", SiglipModel(SiglipConfig(text_config=text, vision_config=vision))
+    yield "vtde", VisionTextDualEncoderModel(VisionTextDualEncoderConfig.from_vision_text_configs(
+        ViTConfig(**vision), BertConfig(**text), projection_dim=8))
+    llava = LlavaConfig(vision_config=CLIPVisionConfig(**vision), text_config=LlamaConfig(**text, **ids, head_dim=8),
+                        image_token_index=63, vision_feature_layer=-1)
+    yield "llava", LlavaForConditionalGeneration(llava)
+
+
+def test_loader_takes_tiny_hf_checkpoints(tmp_path):
+    x = torch.randn(1, 3, 16, 16)
+    ids = torch.tensor([[1, 5, 6, 7]])
+    for name, model in _tiny_checkpoints():
+        model.eval()
+        model.save_pretrained(tmp_path / name)
+        loaded = minilm.load_vlm(tmp_path / name)
+        assert type(loaded) is type(model), name
+        for (k, v), (k2, v2) in zip(model.state_dict().items(), loaded.state_dict().items()):
+            assert k == k2 and torch.equal(v, v2), (name, k)
+        with torch.no_grad():
+            if name == "llava":  # generative: image features and next-token logits
+                feats = loaded.get_image_features(pixel_values=x).pooler_output  # one tensor per image
+                assert feats[0].shape[-1] == 16  # projected into the language model's width
+                assert loaded(input_ids=ids).logits.shape == (1, 4, 64)
+            else:
+                from models.clip import encode_images, encode_texts
+
+                sim = encode_images(loaded, x) @ encode_texts(loaded, ids, torch.ones_like(ids)).T
+                assert sim.shape == (1, 1) and -1 <= sim.item() <= 1
+
+
+# --- DeepSpeed -------------------------------------------------------------------------
+
+def test_deepspeed_zero2_and_zero3_give_the_torch_adapter(tmp_path):
+    pytest.importorskip("deepspeed")
+    states = {}
+    for name, extra in [("torch", {}), ("zero2", {"algorithm.options.backend": "deepspeed"}),
+                        ("zero3", {"algorithm.options.backend": "deepspeed", "algorithm.options.zero_stage": 3})]:
+        engine = run(tiny_cfg(**extra), tmp_path / name)
+        states[name] = engine.state
+    start = fedlarge.FedLarge(tiny_cfg()).init_server()
+    moved = max((states["torch"][k] - start[k]).abs().max().item() for k in start)
+    assert moved > 1e-3  # two rounds really trained
+    for name in ("zero2", "zero3"):
+        for k, v in states["torch"].items():
+            torch.testing.assert_close(states[name][k], v, atol=1e-3, rtol=1e-3, msg=f"{name} {k}")
+
+
+def test_deepspeed_config_and_options():
+    opts = fedlarge.Options(backend="deepspeed", zero_stage=3, offload="optimizer_and_params")
+    conf = fedlarge.deepspeed_config(opts, 16)
+    assert conf["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"},
+                                         "offload_param": {"device": "cpu"}}
+    assert conf["gradient_clipping"] == 0.0 and conf["zero_allow_untested_optimizer"]
+    assert conf["zero_force_ds_cpu_optimizer"] is False  # torch AdamW even with offload
+    with pytest.raises(ValueError, match="zero_stage 3"):
+        fedlarge.Options(backend="deepspeed", zero_stage=2, offload="optimizer_and_params")
+    with pytest.raises(ValueError, match="keep_optimizer_state"):
+        fedlarge.FedLarge(tiny_cfg(**{"algorithm.options.backend": "deepspeed", "train.keep_optimizer_state": "true"}))
+
+
+# --- data quality ----------------------------------------------------------------------
+
+def test_quality_scores_find_shuffled_captions():
+    cfg = tiny_cfg(**{"algorithm.options.caption_noise.clients": "[0,1,2]", "algorithm.options.quality": "filter",
+                      "pretrain.epochs": 20})
+    algo = fedlarge.FedLarge(cfg)
+    res = algo.build_resident()
+    bad, good, dropped_bad, dropped = [], [], 0, 0
+    for c in (0, 1, 2):
+        rows = algo.data.client_partition[c]
+        scores = fedlarge.pair_scores(res.model, algo.data.client(c), 256, res.device)
+        wrong = torch.from_numpy(algo.data.mismatched[rows])
+        drop = fedlarge.quality_weights(scores, algo.opts) == 0
+        bad += scores[wrong].tolist()
+        good += scores[~wrong].tolist()
+        dropped += int(drop.sum())
+        dropped_bad += int((drop & wrong).sum())
+    assert len(bad) >= 10  # about 30% of the three clients' pairs
+    assert np.mean(bad) < np.mean(good) - 0.05
+    # 30% dropped: mostly mismatched pairs, about twice their share of the data
+    assert dropped_bad / dropped > 0.5
+    assert dropped_bad / dropped > 1.8 * len(bad) / (len(bad) + len(good))
+    # weighting keeps every pair but trusts low scorers less
+    w = fedlarge.quality_weights(scores, fedlarge.Options(quality="weight"))
+    assert (w > 0).all() and w[scores.argmin()] < w[scores.argmax()]
+
+
+def test_caption_noise_only_touches_the_listed_clients():
+    algo = fedlarge.FedLarge(tiny_cfg(**{"algorithm.options.caption_noise.clients": "[1]"}))
+    clean = fedlarge.FedLarge(tiny_cfg())
+    for c in range(6):
+        same = torch.equal(algo.data.client(c).input_ids, clean.data.client(c).input_ids)
+        assert same == (c != 1)
+    assert torch.equal(algo.data.test.input_ids, clean.data.test.input_ids)
+
+
+# --- contribution -------------------------------------------------------------------------
+
+def test_corrupted_client_gets_the_lowest_contribution(tmp_path):
+    cfg = tiny_cfg(**{"algorithm.options.caption_noise.clients": "[2]", "algorithm.options.caption_noise.fraction": 1.0,
+                      "clients.total": 4, "clients.per_round": 4, "rounds": 2, "pretrain.epochs": 20,
+                      "data.partition": "iid", "train.local_epochs": 2})
+    run(cfg, tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for rec in records[1:]:
+        scores = rec["contribution"]
+        assert set(scores) == {"0", "1", "2", "3"}
+        assert min(scores, key=scores.get) == "2", scores
+    summary = json.loads((tmp_path / "contribution.json").read_text())
+    assert summary["ranking"][-1] == 2 and summary["rounds"]["2"] == 2
+
+
+def test_count_sketch_keeps_cosines():
+    gen = torch.Generator().manual_seed(0)
+    a = {"x": torch.randn(3000, generator=gen), "y": torch.randn(40, 50, generator=gen)}
+    b = {k: v + 0.7 * torch.randn(v.shape, generator=gen) for k, v in a.items()}
+    flat = lambda t: torch.cat([t[k].reshape(-1) for k in sorted(t)])  # noqa: E731
+    exact = torch.nn.functional.cosine_similarity(flat(a), flat(b), dim=0).item()
+    sketch = fedlarge.CountSketch(a, 1024, seed=0)
+    approx = torch.nn.functional.cosine_similarity(sketch(a), sketch(b), dim=0).item()
+    assert abs(approx - exact) < 0.05
+    assert fedlarge.CountSketch(a, 10**6, seed=0).exact
+    # linear: the sketch of an update is the difference of sketches
+    torch.testing.assert_close(sketch({k: b[k] - a[k] for k in a}), sketch(b) - sketch(a))
