@@ -20,7 +20,7 @@ demo: install
 	$(VENV)/bin/raysim run configs/quickstart.yaml --out runs/quickstart
 
 test: install
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=25
 
 clean:
 	rm -rf $(VENV) runs .cache
