@@ -98,7 +98,7 @@ class Engine:
         self.versions: dict[int, int] = {}
         if ckpt is None:
             self.round = 0
-            self.state = self.algorithm.init_server()
+            self.state = None  # built below, while the workers start
             self.history = self.run.truncate_metrics(-1)
         else:
             self.round, tensors, meta = ckpt
@@ -131,6 +131,10 @@ class Engine:
                 max_restarts=rt.max_worker_restarts,
                 keep_versions=cfg.checkpoint.every + 1,
             )
+        # Actor creation above returns at once; build the driver's state while the workers
+        # start and load their models, then wait for them.
+        if self.state is None:
+            self.state = self.algorithm.init_server()
         self.pool.start()
         self.setup_s = time.perf_counter() - self.t_start
 

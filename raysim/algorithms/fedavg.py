@@ -64,6 +64,10 @@ class FedAvg:
     def build_resident(self) -> vlm_lora.Resident:
         return vlm_lora.build_resident(self.cfg, self.data)
 
+    def client_cost(self, client_id: int) -> float:
+        """Work of one client step, for `runtime.assignment: balanced`."""
+        return float(len(self.data.client_partition[client_id]))
+
     def bytes_down(self, msg: Broadcast, client_id: int) -> int:
         rank = vlm_lora.client_rank(self.cfg, client_id)
         sent = vlm_lora.for_client(msg.tensors, rank, vlm_lora.max_rank(self.cfg))
