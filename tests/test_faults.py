@@ -24,7 +24,17 @@ def engine_for(tmp_path, name, **over):
 
 
 def test_worker_sigkilled_every_round_changes_nothing(tmp_path, ray_cluster):
-    over = {"rounds": 10, "clients.per_round": 6, "train.local_epochs": 2, "runtime.num_workers": 2, "eval.every": 100}
+    # Every client step takes at least 0.3 s, so a kill 0.3 s into the round lands mid-round
+    # however fast the machine is; the pause changes no result.
+    slow = "{" + ", ".join(f"{c}: 0.3" for c in range(20)) + "}"
+    over = {
+        "rounds": 10,
+        "clients.per_round": 6,
+        "train.local_epochs": 1,
+        "runtime.num_workers": 2,
+        "eval.every": 100,
+        "faults.slow_clients": slow,
+    }
     clean = engine_for(tmp_path, "clean", **over)
     clean.start()
     while not clean.done():
