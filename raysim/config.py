@@ -139,8 +139,12 @@ class RuntimeConfig(_Strict):
 class RobustConfig(_Strict):
     """Screening of client updates and the aggregation rule (see raysim/guard.py)."""
 
-    rule: Literal["mean", "median", "trimmed_mean", "norm_clip"] = "mean"
+    rule: Literal["mean", "median", "trimmed_mean", "norm_clip", "multi_krum", "geometric_median"] = "mean"
     trim_fraction: float = Field(0.2, ge=0, lt=0.5)
+    byzantine_fraction: float = Field(
+        0.2, ge=0, lt=0.5, description="multi_krum: expected share of Byzantine clients; sets f unless num_byzantine"
+    )
+    num_byzantine: Optional[int] = Field(None, ge=0, description="multi_krum: assumed Byzantine updates per round (f)")
     clip_norm: float = Field(1.0, gt=0, description="norm_clip: each update is scaled to at most this norm")
     max_update_norm: Optional[float] = Field(None, gt=0, description="reject updates with a larger L2 norm")
     quarantine_strikes: int = Field(3, ge=1, description="rejections in a row before a client is quarantined")
