@@ -162,7 +162,14 @@ class Guarded:
             return self.inner.finalize(state, acc.inner)
         if mode == "robust":
             r = self.cfg.robust
-            delta = robust.robust_aggregate(acc.buffer, r.rule, trim_fraction=r.trim_fraction, max_norm=r.clip_norm)
+            delta = robust.robust_aggregate(
+                acc.buffer,
+                r.rule,
+                trim_fraction=r.trim_fraction,
+                max_norm=r.clip_norm,
+                num_byzantine=r.num_byzantine,
+                byzantine_fraction=r.byzantine_fraction,
+            )
         elif mode == "dp":
             from raysim.privacy import add_gaussian_noise
 

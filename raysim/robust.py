@@ -13,11 +13,31 @@ Rules (pure functions over a list of updates; results are new float32 tensors):
     scale the whole update (global L2 norm over all keys) down to ``max_norm`` if above; keeps dtypes.
 ``norm_clipped_mean(updates, weights, max_norm) -> Tensors``
     weighted mean of the clipped updates.
-``robust_aggregate(buf, rule, trim_fraction=..., max_norm=...) -> Tensors``
-    apply a rule by name (``"median"``, ``"trimmed_mean"``, ``"norm_clip"``) to a buffer.
+``krum_scores(updates, f) -> list[float]``; ``multi_krum_select(updates, f, m=None) -> list[int]``
+    Krum (Blanchard et al., NeurIPS 2017): the score of update i is the sum of its squared L2
+    distances (over all keys) to its ``n - f - 2`` nearest other updates; ``ValueError`` unless
+    ``n - f - 2 >= 1``. Multi-Krum keeps the indices of the ``m`` lowest scores (default
+    ``m = n - f``; ties to the lower index), returned in ascending index order.
+``multi_krum(updates, weights, f, m=None) -> Tensors``
+    weighted mean of the selected updates (as FedAvg, and as Flower's Krum strategy): outliers
+    are removed, not dampened. Selection never looks at the weights.
+``assumed_byzantine(n, fraction) -> int``
+    the default f for ``n`` updates when a share ``fraction`` of the population is Byzantine:
+    the number of attackers in a random cohort is ~Binomial(n, fraction), so f is its 95th
+    percentile (a cohort holds more than f attackers with probability <= 5%), capped at
+    ``n - 3`` so Krum keeps at least one neighbour. (``ceil(fraction * n)`` would be exceeded in
+    about a third of the rounds at n = 10, fraction = 0.2.)
+``geometric_median(updates, weights, max_iter=100, tol=1e-7, nu=1e-8) -> Tensors``
+    the weighted geometric median (argmin_z sum_i w_i ||z - x_i||, all keys as one vector) by the
+    smoothed Weiszfeld iteration of RFA (Pillutla et al. 2022), started at the weighted mean;
+    stops when a step moves z by less than ``tol * (1 + ||z||)``. Breakdown point: half the weight.
+``robust_aggregate(buf, rule, trim_fraction=..., max_norm=..., num_byzantine=..., byzantine_fraction=...) -> Tensors``
+    apply a rule by name (``RULES``) to a buffer.
 
 Median and trimmed mean ignore weights on purpose: a weight is whatever the client claims
-(e.g. its example count), so a hostile client could otherwise buy influence.
+(e.g. its example count), so a hostile client could otherwise buy influence. Multi-Krum selects
+without weights, then weights the kept updates; the geometric median's breakdown point is in
+claimed weight -- pair it with a cap on claimed example counts if clients may lie about them.
 
 These rules are NOT folds: a median cannot be computed from partial medians. The caller keeps
 the round's updates in a ``BoundedBuffer`` of capacity ``clients_per_round`` (so driver memory
@@ -194,14 +214,137 @@ def buffer_updates(buf: BoundedBuffer) -> tuple[list[str], list[Tensors], list[f
     return [e[0] for e in buf.entries], [e[1] for e in buf.entries], [e[2] for e in buf.entries]
 
 
-RULES = ("median", "trimmed_mean", "norm_clip")
+def _flat(updates: Sequence[Tensors]) -> torch.Tensor:
+    # (n, d) float64: every key of an update as one vector, keys in the first update's order
+    keys = list(updates[0])
+    return torch.stack([torch.cat([u[k].detach().to(torch.float64).reshape(-1) for k in keys]) for u in updates])
+
+
+def _unflat(vec: torch.Tensor, like: Tensors) -> Tensors:
+    out: Tensors = {}
+    i = 0
+    for k, t in like.items():
+        out[k] = vec[i : i + t.numel()].reshape(t.shape).to(torch.float32)
+        i += t.numel()
+    return out
+
+
+def _check_weights(weights: Sequence[float], n: int) -> list[float]:
+    if len(weights) != n:
+        raise ValueError(f"{n} updates but {len(weights)} weights")
+    weights = [float(w) for w in weights]
+    if any(not (w >= 0 and math.isfinite(w)) for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"weights must be finite and >= 0 with a positive sum, got {weights}")
+    return weights
+
+
+def krum_scores(updates: Sequence[Tensors], f: int) -> list[float]:
+    """Score of each update: sum of squared distances to its ``n - f - 2`` nearest other updates."""
+    _check_same_layout(updates)
+    n = len(updates)
+    k = n - int(f) - 2
+    if f < 0 or k < 1:
+        raise ValueError(f"Krum needs n - f - 2 >= 1 neighbours; got n={n}, f={f}")
+    x = _flat(updates)
+    # row by row (memory n*d, not n*n*d); differences, not a Gram matrix, so no cancellation
+    d2 = torch.stack([((x - x[i]) ** 2).sum(dim=1) for i in range(n)])
+    scores = []
+    for i in range(n):
+        others = torch.cat([d2[i, :i], d2[i, i + 1 :]]).sort().values
+        scores.append(float(others[:k].sum()))
+    return scores
+
+
+def multi_krum_select(updates: Sequence[Tensors], f: int, m: int | None = None) -> list[int]:
+    """Indices (ascending) of the ``m`` updates with the lowest Krum scores; ``m = n - f`` by default."""
+    scores = krum_scores(updates, f)
+    n = len(updates)
+    m = n - int(f) if m is None else int(m)
+    if not 1 <= m <= n:
+        raise ValueError(f"multi-krum must keep 1..{n} updates, got m={m}")
+    order = sorted(range(n), key=lambda i: (scores[i], i))
+    return sorted(order[:m])
+
+
+def multi_krum(updates: Sequence[Tensors], weights: Sequence[float], f: int, m: int | None = None) -> Tensors:
+    """Weighted mean of the updates Multi-Krum keeps (the rest are dropped entirely)."""
+    weights = _check_weights(weights, len(updates))
+    keep = multi_krum_select(updates, f, m)
+    total = sum(weights[i] for i in keep)
+    if total <= 0:
+        raise ValueError("every update multi-krum kept has weight 0")
+    out: Tensors = {}
+    for key in updates[0]:
+        acc = torch.zeros(updates[0][key].shape, dtype=torch.float64)
+        for i in keep:
+            acc += updates[i][key].detach().to(torch.float64) * weights[i]
+        out[key] = (acc / total).to(torch.float32)
+    return out
+
+
+def assumed_byzantine(n: int, fraction: float) -> int:
+    """Default f: 95th percentile of Binomial(n, fraction), capped at n - 3 (and at 0 below)."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"fraction must be in [0, 1), got {fraction}")
+    if n < 1:
+        raise ValueError(f"need n >= 1, got {n}")
+    f, cdf = 0, 0.0
+    for f in range(n + 1):
+        cdf += math.comb(n, f) * fraction**f * (1 - fraction) ** (n - f)
+        if cdf >= 0.95 - 1e-12:
+            break
+    return max(0, min(f, n - 3))
+
+
+def geometric_median(
+    updates: Sequence[Tensors],
+    weights: Sequence[float],
+    max_iter: int = 100,
+    tol: float = 1e-7,
+    nu: float = 1e-8,
+) -> Tensors:
+    """Weighted geometric median by smoothed Weiszfeld: z <- sum b_i x_i / sum b_i, b_i = w_i / max(nu, ||z - x_i||)."""
+    _check_same_layout(updates)
+    w = torch.tensor(_check_weights(weights, len(updates)), dtype=torch.float64)
+    x = _flat(updates)
+    z = (w[:, None] * x).sum(0) / w.sum()
+    for _ in range(max_iter):
+        beta = w / (x - z).norm(dim=1).clamp_min(nu)
+        z_new = (beta[:, None] * x).sum(0) / beta.sum()
+        step = float((z_new - z).norm())
+        z = z_new
+        if step <= tol * (1.0 + float(z.norm())):
+            break
+    return _unflat(z, updates[0])
+
+
+RULES = ("median", "trimmed_mean", "norm_clip", "multi_krum", "geometric_median")
 
 
 def robust_aggregate(
-    buf: BoundedBuffer, rule: str, *, trim_fraction: float = 0.1, max_norm: float | None = None
+    buf: BoundedBuffer,
+    rule: str,
+    *,
+    trim_fraction: float = 0.1,
+    max_norm: float | None = None,
+    num_byzantine: int | None = None,
+    byzantine_fraction: float = 0.2,
 ) -> Tensors:
-    """Apply the rule named ``rule`` to the buffer's updates."""
+    """Apply the rule named ``rule`` to the buffer's updates.
+
+    multi_krum: f = ``num_byzantine`` if given, else ``assumed_byzantine(n, byzantine_fraction)``;
+    either way capped at ``n - 3`` (fewer updates than planned arrive when some are rejected),
+    and with fewer than 3 updates there are no neighbours to score: their weighted mean is used.
+    """
     _, updates, weights = buffer_updates(buf)
+    if rule == "multi_krum":
+        n = len(updates)
+        if n < 3:
+            return norm_clipped_mean(updates, weights, math.inf)
+        f = assumed_byzantine(n, byzantine_fraction) if num_byzantine is None else min(int(num_byzantine), n - 3)
+        return multi_krum(updates, weights, f)
+    if rule == "geometric_median":
+        return geometric_median(updates, weights)
     if rule == "median":
         return coordinate_median(updates)
     if rule == "trimmed_mean":

@@ -10,7 +10,12 @@ from raysim.robust import (
     buffer_updates,
     buffer_zero,
     clip_by_norm,
+    assumed_byzantine,
     coordinate_median,
+    geometric_median,
+    krum_scores,
+    multi_krum,
+    multi_krum_select,
     norm_clipped_mean,
     robust_aggregate,
     trimmed_mean,
@@ -128,6 +133,8 @@ def test_rules_do_not_mutate_inputs():
     coordinate_median(ups)
     trimmed_mean(ups, 0.2)
     norm_clipped_mean(ups, [1, 2, 3, 4, 5], 0.5)
+    multi_krum(ups, [1, 2, 3, 4, 5], 1)
+    geometric_median(ups, [1, 2, 3, 4, 5])
     for u in ups:
         clip_by_norm(u, 0.1)
     assert all(_same(a, b) for a, b in zip(ups, before))
@@ -154,6 +161,9 @@ def test_byzantine_sign_flip_scaled():
     assert (coordinate_median(ups)["w"] - 1).abs().max() < 0.3
     assert (trimmed_mean(ups, 0.2)["w"] - 1).abs().max() < 0.3
     assert norm_clipped_mean(ups, [1.0] * 10, max_norm=8.0)["w"].mean() > 0.2
+    assert multi_krum_select(ups, f=2) == list(range(8))  # both attackers dropped
+    assert (multi_krum(ups, [1.0] * 10, f=2)["w"] - 1).abs().max() < 0.2
+    assert (geometric_median(ups, [1.0] * 10)["w"] - 1).abs().max() < 0.3
 
 
 # --------------------------------------------------------------------------- bounded buffer
@@ -208,7 +218,7 @@ def test_buffer_merge_order_independent_and_pure():
     for m in results[1:]:
         ids, ups, ws = buffer_updates(m)
         assert ids == ref_ids and ws == ref_ws and all(_same(x, y) for x, y in zip(ups, ref_ups))
-    for rule in ("median", "trimmed_mean", "norm_clip"):
+    for rule in ("median", "trimmed_mean", "norm_clip", "multi_krum", "geometric_median"):
         ref = robust_aggregate(results[0], rule, trim_fraction=0.2, max_norm=3.0)
         assert all(_same(robust_aggregate(m, rule, trim_fraction=0.2, max_norm=3.0), ref) for m in results[1:])
 
@@ -235,4 +245,66 @@ def test_robust_aggregate_dispatch():
     with pytest.raises(ValueError):
         robust_aggregate(b, "norm_clip")
     with pytest.raises(ValueError, match="unknown"):
-        robust_aggregate(b, "krum")
+        robust_aggregate(b, "bogus")
+
+
+def test_robust_aggregate_multi_krum_f():
+    items = [(f"c{i}", _u(v), 1.0) for i, v in enumerate([0.0, 1.0, 3.0, 100.0])]
+    b = _buf_from(items, 4)
+    # n = 4: default f = min(95th pct of Binomial(4, 0.2) = 2, n - 3 = 1) = 1; scores 1, 1, 4, 9409: drop 100
+    assert robust_aggregate(b, "multi_krum")["w"].tolist() == pytest.approx([4 / 3])
+    assert robust_aggregate(b, "multi_krum", num_byzantine=0)["w"].tolist() == [26.0]  # f = 0 keeps all n - 0
+    assert robust_aggregate(b, "multi_krum", num_byzantine=5)["w"].tolist() == pytest.approx([4 / 3])  # capped at 1
+    two = _buf_from(items[:2], 4)  # too few to score: plain weighted mean
+    assert robust_aggregate(two, "multi_krum")["w"].tolist() == [0.5]
+
+
+# --------------------------------------------------------------------------- Multi-Krum, geometric median
+
+
+def test_krum_scores_hand_computed():
+    # points (w, b): (0,0) (1,0) (0,2) (10,10) (1,1); squared distances:
+    # d01=1 d02=4 d03=200 d04=2 d12=5 d13=181 d14=1 d23=164 d24=2 d34=162
+    ups = [_u(0.0, other=[0.0]), _u(1.0, other=[0.0]), _u(0.0, other=[2.0]), _u(10.0, other=[10.0]), _u(1.0, other=[1.0])]
+    # n=5, f=1: the n-f-2 = 2 nearest: 0:{1,2} 1:{1,1} 2:{2,4} 3:{162,164} 4:{1,2}
+    assert krum_scores(ups, 1) == [3.0, 2.0, 6.0, 326.0, 3.0]
+    assert multi_krum_select(ups, 1) == [0, 1, 2, 4]  # m = n - f = 4: the outlier (10,10) goes
+    assert multi_krum_select(ups, 1, m=2) == [0, 1]  # scores 2, then the tie 3/3 goes to the lower index
+    assert multi_krum_select(ups, 1, m=1) == [1]  # m = 1 is Krum
+    m = multi_krum(ups, [1.0, 2.0, 1.0, 100.0, 4.0], 1)  # the heavy outlier's weight buys nothing
+    # w: (0*1 + 1*2 + 0*1 + 1*4) / 8 ; b: (0 + 0 + 2*1 + 1*4) / 8
+    assert m["w"].tolist() == [0.75] and m["b"].tolist() == [0.75] and m["w"].dtype == torch.float32
+    with pytest.raises(ValueError, match="neighbours"):
+        krum_scores(ups, 3)  # n - f - 2 = 0
+    with pytest.raises(ValueError):
+        multi_krum_select(ups, 1, m=0)
+    with pytest.raises(ValueError):
+        multi_krum(ups, [1.0] * 4, 1)
+
+
+def test_assumed_byzantine():
+    # Binomial(10, 0.2): P(X<=3) = 0.879, P(X<=4) = 0.967 -> 4
+    assert assumed_byzantine(10, 0.2) == 4
+    assert assumed_byzantine(10, 0.0) == 0
+    # Binomial(100, 0.2) 95th percentile is 27 (mean 20, sd 4)
+    assert assumed_byzantine(100, 0.2) == 27
+    assert assumed_byzantine(4, 0.2) == 1  # 2, capped at n - 3
+    assert assumed_byzantine(2, 0.2) == 0
+
+
+def test_geometric_median_hand_computed():
+    # (0,0) with its four unit neighbours pulls balanced; the far point (1000, 0) pulls with force 1,
+    # which the data point (0,0) itself absorbs (subgradient |sum of others' unit vectors| = 0 <= 1)
+    pts = [(-1.0, 0.0), (0.0, 1.0), (0.0, -1.0), (0.0, 0.0), (1000.0, 0.0)]
+    gm = geometric_median([_u(a, b) for a, b in pts], [1.0] * 5)
+    assert gm["w"].tolist() == pytest.approx([0.0, 0.0], abs=1e-4)
+    # 1-D, equal weights: the median; weight 3 at 10 outweighs 1 + 1: the GM moves to 10
+    line = [_u(0.0), _u(1.0), _u(10.0)]
+    assert geometric_median(line, [1.0, 1.0, 1.0])["w"].item() == pytest.approx(1.0, abs=1e-4)
+    assert geometric_median(line, [1.0, 1.0, 3.0])["w"].item() == pytest.approx(10.0, abs=1e-4)
+    # several keys are one vector: a single update is its own median
+    one = _u(1.0, 2.0, other=[[3.0]])
+    g1 = geometric_median([one], [2.0])
+    assert g1["w"].tolist() == [1.0, 2.0] and g1["b"].tolist() == [[3.0]]
+    with pytest.raises(ValueError):
+        geometric_median(line, [1.0, -1.0, 1.0])
