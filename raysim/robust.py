@@ -21,7 +21,7 @@ Rules (pure functions over a list of updates; results are new float32 tensors):
 ``multi_krum(updates, weights, f, m=None) -> Tensors``
     weighted mean of the selected updates (as FedAvg, and as Flower's Krum strategy): outliers
     are removed, not dampened. Selection never looks at the weights.
-``assumed_byzantine(n, fraction) -> int``
+``assumed_byzantine(n, fraction) -> int``; ``krum_f(n, num_byzantine, fraction) -> int``
     the default f for ``n`` updates when a share ``fraction`` of the population is Byzantine:
     the number of attackers in a random cohort is ~Binomial(n, fraction), so f is its 95th
     percentile (a cohort holds more than f attackers with probability <= 5%), capped at
@@ -296,6 +296,12 @@ def assumed_byzantine(n: int, fraction: float) -> int:
     return max(0, min(f, n - 3))
 
 
+def krum_f(n: int, num_byzantine: int | None, byzantine_fraction: float) -> int:
+    """The f ``robust_aggregate`` uses for ``n`` updates (n >= 3): ``num_byzantine`` or the default, capped at n - 3."""
+    f = assumed_byzantine(n, byzantine_fraction) if num_byzantine is None else int(num_byzantine)
+    return max(0, min(f, n - 3))
+
+
 def geometric_median(
     updates: Sequence[Tensors],
     weights: Sequence[float],
@@ -338,11 +344,9 @@ def robust_aggregate(
     """
     _, updates, weights = buffer_updates(buf)
     if rule == "multi_krum":
-        n = len(updates)
-        if n < 3:
+        if len(updates) < 3:
             return norm_clipped_mean(updates, weights, math.inf)
-        f = assumed_byzantine(n, byzantine_fraction) if num_byzantine is None else min(int(num_byzantine), n - 3)
-        return multi_krum(updates, weights, f)
+        return multi_krum(updates, weights, krum_f(len(updates), num_byzantine, byzantine_fraction))
     if rule == "geometric_median":
         return geometric_median(updates, weights)
     if rule == "median":
