@@ -3,9 +3,11 @@
     .venv/bin/python benchmarks/soak.py                 # 200 rounds x 100 clients, tiny CLIP
     .venv/bin/python benchmarks/soak.py --rounds 40 --synthetic   # fast variant (the test)
 
-Runs the engine on 2 Ray workers and samples the private memory (USS) of the whole process tree
-(driver, workers, Ray) after every round. Prints one JSON line: wall time, memory after
-warm-up and at the end, and the growth in percent (goal: under 5%).
+Runs the engine on 2 Ray workers and samples the memory of the whole process tree (driver,
+workers, Ray) after every round: USS (private pages; ``growth_pct``) and RSS (``rss_*``; counts
+shared pages once per process). Prints one JSON line: wall time, memory after warm-up and at
+the end (mean of the last 5 rounds), the growth in percent (goal: under 5%) and the USS growth
+per process. ``--series PATH`` also writes the per-round samples as JSON lines.
 """
 from __future__ import annotations
 
@@ -15,7 +17,20 @@ import tempfile
 import time
 
 
-def soak(rounds: int, clients: int, synthetic: bool, run_dir: str, warmup: int = 20) -> dict:
+def _per_process(root, kind: str) -> dict[str, float]:
+    """MB per process of the tree, keyed by 'name pid' (Ray names its workers ray::ClassName)."""
+    import psutil
+
+    out = {}
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            out[f"{proc.name()} {proc.pid}"] = getattr(proc.memory_full_info(), kind) / 2**20
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return out
+
+
+def soak(rounds: int, clients: int, synthetic: bool, run_dir: str, warmup: int = 20, series_path: str | None = None) -> dict:
     import ray
     import psutil
 
@@ -38,14 +53,25 @@ def soak(rounds: int, clients: int, synthetic: bool, run_dir: str, warmup: int =
     engine = Engine(cfg.to_dict(), run_dir, False)
     engine.start()
     me = psutil.Process()
-    series = []
+    series, rss, procs_warm = [], [], {}
+    sink = open(series_path, "w") if series_path else None
     while not engine.done():
         engine.run_round()
         series.append(tree_memory_mb(me, "uss"))
+        rss.append(tree_memory_mb(me, "rss"))
+        if len(series) - 1 == min(warmup, rounds - 1):
+            procs_warm = _per_process(me, "uss")
+        if sink:
+            sink.write(json.dumps({"round": len(series), "uss_mb": series[-1], "rss_mb": rss[-1], "t_s": time.perf_counter() - t0}) + "\n")
+            sink.flush()
     wall = time.perf_counter() - t0
+    procs_end = _per_process(me, "uss")
     engine.finish()
-    warm = series[min(warmup, len(series) - 1)]
-    end = sum(series[-5:]) / len(series[-5:])
+    if sink:
+        sink.close()
+    i = min(warmup, len(series) - 1)
+    warm, end = series[i], sum(series[-5:]) / len(series[-5:])
+    rss_warm, rss_end = rss[i], sum(rss[-5:]) / len(rss[-5:])
     return {
         "rounds": rounds,
         "clients": clients,
@@ -54,6 +80,12 @@ def soak(rounds: int, clients: int, synthetic: bool, run_dir: str, warmup: int =
         "memory_after_warmup_mb": warm,
         "memory_end_mb": end,
         "growth_pct": 100 * (end - warm) / warm,
+        "rss_after_warmup_mb": rss_warm,
+        "rss_end_mb": rss_end,
+        "rss_growth_pct": 100 * (rss_end - rss_warm) / rss_warm,
+        "uss_growth_by_process_mb": {
+            k: round(procs_end[k] - procs_warm.get(k, 0.0), 1) for k in sorted(procs_end)
+        },
     }
 
 
@@ -62,6 +94,8 @@ if __name__ == "__main__":
     ap.add_argument("--rounds", type=int, default=200)
     ap.add_argument("--clients", type=int, default=100)
     ap.add_argument("--synthetic", action="store_true")
+    ap.add_argument("--warmup", type=int, default=20, help="rounds before the reference sample")
+    ap.add_argument("--series", help="write per-round memory samples (JSON lines) here")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
-        print(json.dumps(soak(a.rounds, a.clients, a.synthetic, d + "/run")))
+        print(json.dumps(soak(a.rounds, a.clients, a.synthetic, d + "/run", a.warmup, a.series)))
