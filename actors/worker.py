@@ -43,6 +43,7 @@ class ClientWorker:
         keep_versions: int = 2,
     ):
         warnings.filterwarnings("ignore", category=UserWarning)
+        self.threads_before = torch.get_num_threads()
         torch.set_num_threads(torch_threads)
         self.algorithm = algorithm
         self.index = index
@@ -55,6 +56,11 @@ class ClientWorker:
         if self.resident is None:
             self.resident = self.algorithm.build_resident()
         return os.getpid()
+
+    def close(self) -> None:
+        """Drop the model and restore the thread count (a worker inside the driver's process)."""
+        self.resident = None
+        torch.set_num_threads(self.threads_before)
 
     def run(self, msg, client_ids: list[int], versions: dict[int, int]) -> Partial:
         """Run the clients (each from its state of round `versions[cid]`) and fold them."""

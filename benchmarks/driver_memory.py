@@ -30,6 +30,7 @@ def measure(clients: int, params: int, workers: int, run_dir: str) -> dict:
         f"clients.per_round={clients}",
         "rounds=1",
         f"runtime.num_workers={workers}",
+        "runtime.warm_start=false",  # the driver only aggregates here, it serves no client
         "pretrain.enabled=false",
     ]
     cfg = load_config("configs/quickstart.yaml", overrides)

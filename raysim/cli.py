@@ -5,6 +5,7 @@ paragraph on stderr and exit code 2, never a traceback."""
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -56,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     from raysim.config import ConfigError, load_config
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        # The algorithm's options are checked by _run (in parallel with Ray's start-up).
+        cfg = load_config(args.config, args.overrides, with_algorithm=args.command == "pretrain")
         if args.command == "pretrain":
             return _pretrain(cfg)
         return _run(cfg, args)
@@ -76,6 +78,49 @@ def _pretrain(cfg) -> int:
     return 0
 
 
+def _load_engine(cfg, source: str):
+    """Check `algorithm.options` and import the engine: this imports torch, transformers and
+    the algorithm (seconds), so in Ray mode it runs while Ray starts."""
+    from raysim.config import algorithm_options
+
+    algorithm_options(cfg, source)
+    from raysim.engine import Engine
+
+    return Engine
+
+
+def _start_ray(cfg, load_engine):
+    """ray.init in this thread while `load_engine` runs in another; returns the engine class.
+    A bad config stops Ray again and raises the ConfigError."""
+    import threading
+
+    import ray
+
+    loaded: dict = {}
+
+    def load() -> None:
+        try:
+            loaded["engine"] = load_engine()
+        except BaseException as err:  # noqa: BLE001 - re-raised below, in the main thread
+            loaded["error"] = err
+
+    thread = threading.Thread(target=load, name="raysim-import", daemon=True)
+    thread.start()
+    rt = cfg.runtime
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    if not ray.is_initialized():
+        if rt.ray_address:
+            ray.init(address=rt.ray_address, logging_level="ERROR")
+        else:
+            # address="local": always a new embedded Ray, never a `ray start` cluster found on the machine
+            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
+    thread.join()
+    if "error" in loaded:
+        ray.shutdown()
+        raise loaded["error"]
+    return loaded["engine"]
+
+
 def _run(cfg, args) -> int:
     from rich.console import Console
 
@@ -87,47 +132,47 @@ def _run(cfg, args) -> int:
     console = Console(stderr=False, quiet=args.quiet)
     out = Path(args.out or Path("runs") / cfg.name)
     rt = cfg.runtime
-    if rt.num_workers == 0:
-        from raysim.engine import Engine
-
-        engine = Engine(cfg.to_dict(), str(out), args.resume)
-        call = lambda method, *a: getattr(engine, method)(*a)  # noqa: E731
-        shutdown = lambda: None  # noqa: E731
-    else:
-        import ray
-
-        from actors.driver import Driver
-        from raysim.engine import Engine
-
-        os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-        if not ray.is_initialized():
-            if rt.ray_address:
-                ray.init(address=rt.ray_address, logging_level="ERROR")
-            else:
-                # address="local": always a new embedded Ray, never a `ray start` cluster found on the machine
-                ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
-        driver = Driver.remote(Engine, cfg.to_dict(), str(out.resolve()), args.resume)
-
-        def call(method, *a):
-            try:
-                return ray.get(driver.call.remote(method, *a))
-            except ray.exceptions.RayTaskError as err:
-                cause = getattr(err, "cause", None)
-                if isinstance(cause, (ConfigError, CheckpointError)):
-                    raise cause from None
-                raise
-
-        shutdown = lambda: ray.kill(driver)  # noqa: E731
+    load_engine = functools.partial(_load_engine, cfg, args.config)
 
     from actors.worker import peak_rss_mb
     from raysim.memory import PeakMemorySampler
 
+    # Sampled from the start: the peak of the whole process tree (Ray, workers) lands in summary.json.
     with PeakMemorySampler() as memory:
+        cli_rss = lambda: 0.0  # noqa: E731 - the engine's process reports its own peak
+        if rt.num_workers == 0:
+            engine = load_engine()(cfg.to_dict(), str(out), args.resume)
+            call = lambda method, *a: getattr(engine, method)(*a)  # noqa: E731
+            shutdown = lambda: None  # noqa: E731
+        elif rt.driver == "process":
+            engine = _start_ray(cfg, load_engine)(cfg.to_dict(), str(out.resolve()), args.resume)
+            call = lambda method, *a: getattr(engine, method)(*a)  # noqa: E731
+            shutdown = lambda: None  # noqa: E731
+        else:
+            import ray
+
+            from actors.driver import Driver
+
+            engine_cls = _start_ray(cfg, load_engine)
+            driver = Driver.remote(engine_cls, cfg.to_dict(), str(out.resolve()), args.resume)
+            cli_rss = peak_rss_mb
+
+            def call(method, *a):
+                try:
+                    return ray.get(driver.call.remote(method, *a))
+                except ray.exceptions.RayTaskError as err:
+                    cause = getattr(err, "cause", None)
+                    if isinstance(cause, (ConfigError, CheckpointError)):
+                        raise cause from None
+                    raise
+
+            shutdown = lambda: ray.kill(driver)  # noqa: E731
+
         status = call("start")
         _show(console, status["last"], cfg.rounds)
         while not call("done"):
             _show(console, call("run_round"), cfg.rounds)
-        summary = call("finish", peak_rss_mb() if rt.num_workers else 0.0, memory.sample())
+        summary = call("finish", cli_rss(), memory.sample())
         shutdown()
     if args.timeline:
         if rt.num_workers:

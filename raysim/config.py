@@ -133,6 +133,16 @@ class RuntimeConfig(_Strict):
     num_gpus_per_worker: float = Field(0.0, ge=0)
     torch_threads: int = Field(1, ge=1, description="torch threads inside each worker")
     ray_address: Optional[str] = None  # None: start an embedded local Ray
+    # process: the round loop runs in the process that started Ray (the `raysim run`
+    # process or the Ray job's entrypoint); actor: in a Driver actor (num_cpus=0), which
+    # costs one more process importing torch at start-up.
+    driver: Literal["process", "actor"] = "process"
+    # pooled placement: the driver serves clients itself until the first worker is ready
+    # (workers take seconds to import torch and build their models), then hands over.
+    warm_start: bool = True
+    # pooled, without warm start: how long the first round waits for every worker before it
+    # starts with those that are ready (an autoscaler may take minutes to add their nodes).
+    start_wait_s: float = Field(60.0, ge=0)
     device: Literal["cpu", "cuda", "auto"] = "cpu"
 
 
@@ -291,7 +301,9 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return f"invalid config {source}:\n" + "\n".join(lines)
 
 
-def config_from_dict(data: Any, source: str = "<dict>") -> ExperimentConfig:
+def config_from_dict(data: Any, source: str = "<dict>", with_algorithm: bool = True) -> ExperimentConfig:
+    """`with_algorithm=False` skips `algorithm.options` (it imports the algorithm's module,
+    i.e. torch); call `algorithm_options(cfg)` later."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -300,7 +312,8 @@ def config_from_dict(data: Any, source: str = "<dict>") -> ExperimentConfig:
         cfg = ExperimentConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_errors(err, source)) from None
-    algorithm_options(cfg, source)
+    if with_algorithm:
+        algorithm_options(cfg, source)
     return cfg
 
 
@@ -327,7 +340,7 @@ def algorithm_options(cfg: ExperimentConfig, source: str = "<config>"):
         raise ConfigError(text) from None
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+def load_config(path: str | Path, overrides: list[str] | None = None, with_algorithm: bool = True) -> ExperimentConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass a YAML file such as configs/quickstart.yaml")
@@ -341,7 +354,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"invalid config {path}: the top level must be a mapping of keys")
     data = apply_overrides(data or {}, overrides or [])
-    return config_from_dict(data, str(path))
+    return config_from_dict(data, str(path), with_algorithm)
 
 
 def save_config(cfg: ExperimentConfig, path: Path) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from actors.pool import LocalPool, RayPool
-from actors.worker import peak_rss_mb
+from actors.worker import ClientWorker, peak_rss_mb
 from raysim import algorithms
 from raysim.checkpoint import load_latest, save_checkpoint
 from raysim.config import ConfigError, ExperimentConfig, config_from_dict, save_config
@@ -116,6 +116,10 @@ class Engine:
         if rt.num_workers == 0:
             self.pool = LocalPool(self.algorithm, seed_fn, state_root, budget, cfg.checkpoint.every + 1)
         else:
+            inline = None
+            if rt.warm_start and rt.placement == "pooled":
+                # The workers' thread count: the driver shares the cores with them while they start.
+                inline = ClientWorker(self.algorithm, -1, seed_fn, state_root, rt.torch_threads, budget, cfg.checkpoint.every + 1)
             self.pool = RayPool(
                 self.algorithm,
                 seed_fn,
@@ -130,6 +134,8 @@ class Engine:
                 state_memory_bytes=budget,
                 max_restarts=rt.max_worker_restarts,
                 keep_versions=cfg.checkpoint.every + 1,
+                inline=inline,
+                start_wait_s=rt.start_wait_s,
             )
         # Actor creation above returns at once; build the driver's state while the workers
         # start and load their models, then wait for them.
@@ -232,6 +238,8 @@ class Engine:
             }
             save_checkpoint(self.run.path, r, self.algorithm.state_tensors(self.state), meta, cfg.checkpoint.keep_last)
         checkpoint_s = time.perf_counter() - t_ckpt
+        if rt.num_workers:
+            record["workers"] = out.workers  # remote workers that served the round (0: the driver)
         record.update(
             requeued=out.requeued,
             worker_failures=out.worker_failures,

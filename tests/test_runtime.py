@@ -53,7 +53,8 @@ def test_local_run_writes_everything_and_is_deterministic(tmp_path):
 def test_ray_pool_matches_local_mode(tmp_path, ray_cluster):
     local = run(tmp_path, "local", rounds=2)
     timeline = tmp_path / "timeline.json"
-    pooled = run(tmp_path, "pooled", "--timeline", str(timeline), **{"rounds": 2, "runtime.num_workers": 2})
+    over = {"rounds": 2, "runtime.num_workers": 2, "runtime.warm_start": "false"}
+    pooled = run(tmp_path, "pooled", "--timeline", str(timeline), **over)
     events = json.loads(timeline.read_text())
     assert sum(e.get("name") == "run" for e in events) >= 2  # the workers' client batches
     rl, rp = records(local), records(pooled)
@@ -65,6 +66,36 @@ def test_ray_pool_matches_local_mode(tmp_path, ray_cluster):
         torch.testing.assert_close(sl[k], sp[k], rtol=1e-3, atol=1e-4)  # thread counts differ: float order
     summary = json.loads((pooled / "summary.json").read_text())
     assert len(summary["peak_rss_mb_by_process"]["workers"]) == 2
+
+
+@pytest.mark.timeout(900)  # the driver replays as many rounds as it served while workers started
+def test_warm_start_serves_clients_in_the_driver_until_workers_are_ready(tmp_path, ray_cluster):
+    """The first rounds run in the driver's process while the workers import torch and build
+    their models; then the workers take over. The result is that of local mode."""
+    import time
+
+    from raysim.config import load_config
+    from raysim.engine import Engine
+
+    over = tiny_overrides(**{"rounds": 500, "clients.per_round": 5, "runtime.num_workers": 2, "eval.every": 1000})
+    warm = Engine(load_config("configs/quickstart.yaml", over).to_dict(), str(tmp_path / "warm"), False)
+    warm.start()
+    served, deadline = [], time.monotonic() + 300
+    while not served or served[-1] == 0:
+        served.append(warm.run_round()["workers"])
+        assert time.monotonic() < deadline, f"no worker became ready: {served}"
+    assert served[0] == 0 and served[-1] >= 1  # inline first, then remote workers
+    assert warm.pool.inline is None or len(warm.pool.ready) < 2
+    for _ in range(2):  # and the workers keep serving
+        assert warm.run_round()["workers"] >= 1
+    warm.pool.shutdown()
+    local_over = over + ["runtime.num_workers=0"]
+    local = Engine(load_config("configs/quickstart.yaml", local_over).to_dict(), str(tmp_path / "local"), False)
+    local.start()
+    for _ in range(warm.round):
+        local.run_round()
+    for k in local.state:
+        torch.testing.assert_close(local.state[k], warm.state[k], rtol=1e-3, atol=1e-4)  # thread counts differ
 
 
 def test_dedicated_placement_one_actor_per_client(tmp_path, ray_cluster):
