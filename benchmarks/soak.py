@@ -17,14 +17,14 @@ import tempfile
 import time
 
 
-def _per_process(root, kind: str) -> dict[str, float]:
-    """MB per process of the tree, keyed by 'name pid' (Ray names its workers ray::ClassName)."""
+def _per_process(root, kind: str) -> dict[int, tuple[str, float]]:
+    """pid -> (name, MB) for the tree (Ray retitles workers: ray::ClientWorker, ray::IDLE, ...)."""
     import psutil
 
     out = {}
     for proc in [root, *root.children(recursive=True)]:
         try:
-            out[f"{proc.name()} {proc.pid}"] = getattr(proc.memory_full_info(), kind) / 2**20
+            out[proc.pid] = (proc.name(), getattr(proc.memory_full_info(), kind) / 2**20)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return out
@@ -83,8 +83,8 @@ def soak(rounds: int, clients: int, synthetic: bool, run_dir: str, warmup: int =
         "rss_after_warmup_mb": rss_warm,
         "rss_end_mb": rss_end,
         "rss_growth_pct": 100 * (rss_end - rss_warm) / rss_warm,
-        "uss_growth_by_process_mb": {
-            k: round(procs_end[k] - procs_warm.get(k, 0.0), 1) for k in sorted(procs_end)
+        "uss_growth_by_process_mb": {  # a process started after warm-up counts from 0
+            f"{name} {pid}": round(mb - procs_warm.get(pid, ("", 0.0))[1], 1) for pid, (name, mb) in sorted(procs_end.items())
         },
     }
 
