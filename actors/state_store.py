@@ -6,7 +6,12 @@ worker uses its in-memory copy only if it is that version, and otherwise reads t
 version from disk: a client may move to another worker (load balancing, a dead worker)
 and a resumed run ignores state written by a round that never finished. Memory is
 bounded by `memory_budget_bytes`: least recently used states are dropped from memory
-(they are on disk) and come back bit-identical."""
+(they are on disk) and come back bit-identical.
+
+`root` is a local directory or a filesystem URL (`s3://bucket/run/client_state`, any
+protocol fsspec implements): with a URL, states are read and written there (safetensors
+bytes through `fs.cat_file` / `fs.pipe_file`), so a run retried on a fresh cluster finds
+them wherever its workers run."""
 from __future__ import annotations
 
 import os
@@ -15,7 +20,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save, save_file
 
 State = dict[str, dict[str, torch.Tensor]]
 _VERSION = re.compile(r"^r(\d+)\.safetensors$")
@@ -39,21 +44,40 @@ def state_nbytes(state: State) -> int:
 
 class ClientStateStore:
     def __init__(self, root: str | Path, memory_budget_bytes: int | None = None, keep_versions: int = 2):
-        self.root = Path(root)
+        self.url = str(root).rstrip("/") if "://" in str(root) else None
+        if self.url:
+            import fsspec.core
+
+            self.fs, base = fsspec.core.url_to_fs(self.url)
+            self.root = base.rstrip("/")
+            protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
+            self._local_fs = "file" in protocols  # needs directories; object stores do not
+        else:
+            self.fs, self.root = None, Path(root)
         self.keep_versions = keep_versions
         self.budget = memory_budget_bytes
         self.memory: OrderedDict[int, tuple[int, State]] = OrderedDict()  # LRU: cid -> (version, state)
         self.memory_bytes = 0
         self.loads_from_disk = 0
 
-    def _dir(self, client_id: int) -> Path:
+    def _dir(self, client_id: int):
+        if self.fs is not None:
+            return f"{self.root}/{client_id:06d}"
         return self.root / f"{client_id:06d}"
 
     def versions(self, client_id: int) -> list[int]:
         d = self._dir(client_id)
-        if not d.is_dir():
+        if self.fs is not None:
+            try:
+                self.fs.invalidate_cache(d)
+                names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(d, detail=False)]
+            except FileNotFoundError:
+                return []
+        elif d.is_dir():
+            names = [p.name for p in d.iterdir()]
+        else:
             return []
-        return sorted(int(m.group(1)) for p in d.iterdir() if (m := _VERSION.match(p.name)))
+        return sorted(int(m.group(1)) for n in names if (m := _VERSION.match(n)))
 
     def get(self, client_id: int, version: int) -> State:
         """The client's state as written in round `version` (0: never trained, empty)."""
@@ -63,6 +87,16 @@ class ClientStateStore:
         if hit is not None and hit[0] == version:
             self.memory.move_to_end(client_id)
             return hit[1]
+        if self.fs is not None:
+            try:
+                data = self.fs.cat_file(f"{self._dir(client_id)}/r{version}.safetensors")
+            except FileNotFoundError:
+                raise FileNotFoundError(
+                    f"state of client {client_id} from round {version} is missing: "
+                    f"{self.url}/{client_id:06d}/r{version}.safetensors"
+                ) from None
+            self.loads_from_disk += 1
+            return _unflatten(load(data))
         path = self._dir(client_id) / f"r{version}.safetensors"
         if not path.is_file():
             raise FileNotFoundError(f"state of client {client_id} from round {version} is missing: {path}")
@@ -72,14 +106,26 @@ class ClientStateStore:
     def put(self, client_id: int, round: int, state: State) -> None:
         # An empty state is written too: the driver counts the version as existing.
         d = self._dir(client_id)
-        d.mkdir(parents=True, exist_ok=True)
-        tmp = d / f".r{round}.tmp"
-        save_file(_flatten(state), str(tmp))
-        os.replace(tmp, d / f"r{round}.safetensors")
+        if self.fs is not None:
+            if self._local_fs:
+                self.fs.makedirs(d, exist_ok=True)
+            # One object, written whole (object stores never show a partial one).
+            self.fs.pipe_file(f"{d}/r{round}.safetensors", save(_flatten(state)))
+        else:
+            d.mkdir(parents=True, exist_ok=True)
+            tmp = d / f".r{round}.tmp"
+            save_file(_flatten(state), str(tmp))
+            os.replace(tmp, d / f"r{round}.safetensors")
         # Keep enough versions that the state as of the last checkpoint survives until the
         # next one (a client writes at most one version per round).
         for old in self.versions(client_id)[: -self.keep_versions]:
-            (d / f"r{old}.safetensors").unlink(missing_ok=True)
+            if self.fs is not None:
+                try:
+                    self.fs.rm_file(f"{d}/r{old}.safetensors")
+                except FileNotFoundError:
+                    pass
+            else:
+                (d / f"r{old}.safetensors").unlink(missing_ok=True)
         self._remember(client_id, round, state)
 
     def _remember(self, client_id: int, version: int, state: State) -> None:

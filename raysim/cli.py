@@ -1,4 +1,5 @@
-"""`raysim run CONFIG [key=value ...] [--out DIR] [--resume]` and `raysim pretrain CONFIG`.
+"""`raysim run CONFIG [key=value ...] [--out DIR|URL] [--resume|--auto-resume] [--staging DIR]`
+and `raysim pretrain CONFIG`.
 
 Bad input (config, overrides, run directory, checkpoints) ends with one clear
 paragraph on stderr and exit code 2, never a traceback."""
@@ -20,8 +21,18 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a federated experiment")
     run.add_argument("config", help="experiment YAML, e.g. configs/quickstart.yaml")
     run.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. rounds=5 runtime.num_workers=0")
-    run.add_argument("--out", help="run directory (default: runs/<config name>)")
-    run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    run.add_argument(
+        "--out",
+        help="run directory: a path or a filesystem URL such as s3://bucket/runs/x (default: runs/<config name>)",
+    )
+    resume = run.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    resume.add_argument(
+        "--auto-resume", action="store_true", help="continue the run in --out if it holds one, else start it there"
+    )
+    run.add_argument(
+        "--staging", metavar="DIR", help="with a URL --out: the local working copy (default: $RAYSIM_CACHE/runs/<hash>)"
+    )
     run.add_argument("--quiet", action="store_true", help="no progress display")
     run.add_argument("--timeline", metavar="FILE", help="write Ray's task timeline (chrome://tracing JSON) here")
     pre = sub.add_parser("pretrain", help="pre-train (or find cached) the base model of a config")
@@ -129,9 +140,20 @@ def _run(cfg, args) -> int:
 
     from raysim.report import summary_table
 
+    from raysim.storage import Mirror, is_url
+
     console = Console(stderr=False, quiet=args.quiet)
-    out = Path(args.out or Path("runs") / cfg.name)
     rt = cfg.runtime
+    if args.out and is_url(args.out):
+        Mirror(args.out, args.staging).check()  # an unusable URL fails before Ray starts
+        out = run_dir = args.out
+        staging = str(Path(args.staging).absolute()) if args.staging else None
+    else:
+        if args.staging:
+            raise ConfigError(f"--staging is for a URL --out (s3://..., gs://...); --out {args.out} is a local path")
+        out = Path(args.out or Path("runs") / cfg.name)
+        run_dir, staging = str(out.resolve()), None
+    resume = "auto" if args.auto_resume else args.resume
     load_engine = functools.partial(_load_engine, cfg, args.config)
 
     from actors.worker import peak_rss_mb
@@ -141,11 +163,11 @@ def _run(cfg, args) -> int:
     with PeakMemorySampler() as memory:
         cli_rss = lambda: 0.0  # noqa: E731 - the engine's process reports its own peak
         if rt.num_workers == 0:
-            engine = load_engine()(cfg.to_dict(), str(out), args.resume)
+            engine = load_engine()(cfg.to_dict(), str(out), resume, staging)
             call = lambda method, *a: getattr(engine, method)(*a)  # noqa: E731
             shutdown = lambda: None  # noqa: E731
         elif rt.driver == "process":
-            engine = _start_ray(cfg, load_engine)(cfg.to_dict(), str(out.resolve()), args.resume)
+            engine = _start_ray(cfg, load_engine)(cfg.to_dict(), run_dir, resume, staging)
             call = lambda method, *a: getattr(engine, method)(*a)  # noqa: E731
             shutdown = lambda: None  # noqa: E731
         else:
@@ -154,7 +176,7 @@ def _run(cfg, args) -> int:
             from actors.driver import Driver
 
             engine_cls = _start_ray(cfg, load_engine)
-            driver = Driver.remote(engine_cls, cfg.to_dict(), str(out.resolve()), args.resume)
+            driver = Driver.remote(engine_cls, cfg.to_dict(), run_dir, resume, staging)
             cli_rss = peak_rss_mb
 
             def call(method, *a):

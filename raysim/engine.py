@@ -7,7 +7,6 @@ import dataclasses
 import functools
 import json
 import math
-import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -22,6 +21,7 @@ from raysim.config import ConfigError, ExperimentConfig, config_from_dict, save_
 from raysim.guard import Guarded, client_public_key, reveal_for_dropped
 from raysim.screening import Quarantine, reject_kind
 from raysim.seeding import derive_seed, sample_clients
+from raysim.storage import Mirror, StorageError, is_url, remove_tree
 
 # Keys that may differ between the original run and its --resume: more rounds, another
 # runtime (e.g. resume on a different cluster), evaluation and checkpoint cadence.
@@ -38,33 +38,73 @@ def _diff(a, b, prefix="") -> list[str]:
 
 
 class RunDir:
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.metrics = self.path / "metrics.jsonl"
-        self.client_state = self.path / "client_state"
+    """The run directory: a local path, or a filesystem URL (raysim/storage.py) whose run
+    is worked on in a local staging directory and mirrored to the URL by `sync`."""
 
-    def prepare(self, cfg: ExperimentConfig, resume: bool) -> None:
-        p = self.path
+    def __init__(self, out: str | Path, staging: str | Path | None = None):
+        self.mirror = Mirror(str(out), staging) if is_url(out) else None
+        self.path = self.mirror.staging if self.mirror else Path(out)
+        self.location = self.mirror.url if self.mirror else str(self.path)  # for messages
+        self.metrics = self.path / "metrics.jsonl"
+        # Client state is written by the workers, wherever they run: at the URL itself.
+        self.client_state = f"{self.mirror.url}/client_state" if self.mirror else str(self.path / "client_state")
+
+    def prepare(self, cfg: ExperimentConfig, resume: bool | str) -> bool:
+        """Check the directory against `resume` (True, False or "auto": resume if it holds a
+        run) and write config.yaml; returns whether the run resumes."""
+        p, m = self.path, self.mirror
+        if m is not None:
+            if m.fs.protocol in ("memory", ("memory",)) and cfg.runtime.num_workers:
+                raise StorageError(
+                    f"--out {m.url}: memory:// lives in one process, but runtime.num_workers="
+                    f"{cfg.runtime.num_workers} runs clients in others; use runtime.num_workers=0 or another URL"
+                )
+            m.check()
+            holds = m.holds_run()
+        else:
+            holds = (p / "config.yaml").is_file()
+        if resume == "auto":
+            resume = holds
         if resume:
+            if not holds:
+                raise ConfigError(f"--resume: {self.location} holds no run (no config.yaml); drop --resume to start one there")
+            if m is not None:
+                m.prepare_staging()
+                m.download()
             saved = p / "config.yaml"
-            if not saved.is_file():
-                raise ConfigError(f"--resume: {p} holds no run (no config.yaml); drop --resume to start one there")
             old = config_from_dict(yaml.safe_load(saved.read_text()), str(saved)).to_dict()
             new = cfg.to_dict()
             diffs = [d for k in sorted(set(old) - _RESUMABLE_KEYS) for d in _diff(old[k], new.get(k), k + ".")]
             if diffs:
                 raise ConfigError(
-                    f"--resume: the checkpoint directory {p} was made by a different config: "
+                    f"--resume: the checkpoint directory {self.location} was made by a different config: "
                     + "; ".join(diffs)
                     + ". Resume with the original config, or start a new run with another --out."
                 )
-        elif p.exists() and any(p.iterdir()):
-            raise ConfigError(
-                f"run directory {p} is not empty; pass --resume to continue that run, or choose another --out "
-                "(nothing there was changed)"
-            )
+        else:
+            if m is not None:
+                nonempty = bool(m.remote_files())
+            else:
+                nonempty = p.exists() and any(p.iterdir())
+            if nonempty:
+                raise ConfigError(
+                    f"run directory {self.location} is not empty; pass --resume to continue that run, or choose another --out "
+                    "(nothing there was changed)"
+                )
+            if m is not None:
+                m.prepare_staging()
         p.mkdir(parents=True, exist_ok=True)
         save_config(cfg, p / "config.yaml")
+        self.sync()
+        return bool(resume)
+
+    def sync(self) -> float:
+        """Mirror the staging directory to the URL (nothing for a local run); seconds taken."""
+        if self.mirror is None:
+            return 0.0
+        t0 = time.perf_counter()
+        self.mirror.sync()
+        return time.perf_counter() - t0
 
     def truncate_metrics(self, last_round: int) -> list[dict]:
         """Keep the records of rounds <= last_round (a resumed run rewrites later ones)."""
@@ -83,11 +123,14 @@ class RunDir:
 
 
 class Engine:
-    def __init__(self, cfg_dict: dict, run_dir: str, resume: bool):
+    def __init__(self, cfg_dict: dict, run_dir: str, resume: bool | str, staging: str | None = None):
+        """`run_dir`: a path or a filesystem URL (`staging`: where a URL's run is worked on);
+        `resume`: True, False, or "auto" (resume if `run_dir` holds a run)."""
         self.t_start = time.perf_counter()
         self.cfg = cfg = config_from_dict(cfg_dict)
-        self.run = RunDir(run_dir)
-        self.run.prepare(cfg, resume)
+        self.run = RunDir(run_dir, staging)
+        resume = self.run.prepare(cfg, resume)
+        self.sync_s = 0.0
         self.algorithm = algorithms.load(cfg.algorithm.name)(cfg)
         if hasattr(self.algorithm, "client_reference"):  # screening, robust rules, DP, SecAgg
             self.algorithm = Guarded(self.algorithm, cfg)
@@ -108,9 +151,9 @@ class Engine:
                 self.quarantine = Quarantine.from_dict(meta["quarantine"])
             self.history = self.run.truncate_metrics(self.round)
         seed_fn = functools.partial(derive_seed, cfg.seed)
-        state_root = str(self.run.client_state)
+        state_root = self.run.client_state
         if not resume:
-            shutil.rmtree(state_root, ignore_errors=True)
+            remove_tree(state_root)
         rt = cfg.runtime
         budget = int(rt.state_memory_mb * 2**20) if rt.state_memory_mb else None
         if rt.num_workers == 0:
@@ -230,7 +273,8 @@ class Engine:
             record.update(self.algorithm.evaluate(self.state))
         eval_s = time.perf_counter() - t_eval
         t_ckpt = time.perf_counter()
-        if r % cfg.checkpoint.every == 0 or r == cfg.rounds:
+        checkpointed = r % cfg.checkpoint.every == 0 or r == cfg.rounds
+        if checkpointed:
             meta = {
                 "seed": cfg.seed,
                 "client_versions": {str(c): v for c, v in sorted(self.versions.items())},
@@ -253,6 +297,8 @@ class Engine:
         self.round = r
         self.run.append(record)
         self.history.append(record)
+        if checkpointed:  # a URL run directory: the checkpoint and this round's metrics
+            self.sync_s += self.run.sync()
         return record
 
     def finish(self, cli_peak_rss_mb: float = 0.0, run_peak_pss_mb: float | None = None) -> dict:
@@ -282,8 +328,11 @@ class Engine:
             # Peak of the whole process tree at one moment, shared pages counted once.
             "peak_memory_mb": run_peak_pss_mb,
         }
+        if self.run.mirror is not None:
+            summary["storage_sync_s"] = self.sync_s  # uploads after each checkpoint (not the final one)
         if hasattr(self.algorithm, "summary_extra"):
             summary.update(self.algorithm.summary_extra(self.history))
         (self.run.path / "summary.json").write_text(json.dumps(summary, indent=1))
         self.pool.shutdown()
+        self.run.sync()
         return summary
