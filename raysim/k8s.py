@@ -1,14 +1,16 @@
 """`raysim k8s render CONFIG [key=value ...] --image IMAGE [--gpus-per-worker N]
-[--workers N] [--out FILE]`: a KubeRay RayJob for an experiment, as YAML.
+[--workers N] [--run-root ROOT] [--env-secret NAME] [--out FILE]`: a KubeRay RayJob for
+an experiment, as YAML.
 
 The output has two documents: a ConfigMap holding the resolved experiment config, and a
 RayJob whose head mounts it at /config and runs
 
-    raysim run /config/config.yaml --out /storage/runs/NAME [--resume]
+    raysim run /config/config.yaml --out ROOT/NAME --auto-resume
 
-with --resume added whenever that run directory already holds a run. The run directory
-sits on a shared PersistentVolumeClaim, so when the RayJob is retried (`backoffLimit`:
-a new Ray cluster each time) the run continues from its last checkpoint.
+which resumes whenever that run directory already holds a run. ROOT is /storage/runs on
+a shared PersistentVolumeClaim, or a filesystem URL (s3://bucket/prefix, with credentials
+from a Secret given by --env-secret), so when the RayJob is retried (`backoffLimit`: a
+new Ray cluster each time) the run continues from its last checkpoint.
 
 The same inputs always give byte-identical output (fixed key order, no timestamps), so
 rendered manifests can be committed and diffed. Pods run as a non-root user with equal
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import shlex
 import sys
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -30,6 +33,7 @@ UID = 1000  # the `ray` user of the Dockerfile
 CONFIG_MOUNT = "/config"
 STORAGE_MOUNT = "/storage"
 DEFAULT_PVC = "raysim-storage"
+DEFAULT_RUN_ROOT = f"{STORAGE_MOUNT}/runs"
 # Per-pod headroom on top of what the actors need: raylet, object store, log monitor, agent.
 POD_EXTRA_CPUS = 1
 POD_EXTRA_MEMORY_GIB = 2
@@ -59,6 +63,16 @@ def add_commands(subparsers) -> None:
     render_p.add_argument("--memory-per-worker", type=float, default=8.0, help="GiB of memory per worker actor (default 8)")
     render_p.add_argument("--pvc", default=DEFAULT_PVC, help=f"ReadWriteMany claim for runs and caches (default {DEFAULT_PVC})")
     render_p.add_argument("--backoff-limit", type=int, default=3, help="RayJob retries; each resumes the run (default 3)")
+    render_p.add_argument(
+        "--run-root",
+        default=DEFAULT_RUN_ROOT,
+        help=f"where the run directory <root>/<job name> goes: a path on the claim or a URL such as s3://bucket/runs "
+        f"(default {DEFAULT_RUN_ROOT})",
+    )
+    render_p.add_argument(
+        "--env-secret", metavar="NAME", help="a Secret whose keys become environment variables of every Ray pod "
+        "(e.g. AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for an s3:// --run-root)",
+    )  # fmt: skip
     render_p.add_argument("--out", help="write the manifest here (default: stdout)")
     k8s.set_defaults(handler=run_command)
 
@@ -70,6 +84,7 @@ def run_command(args: argparse.Namespace) -> int:
         text = render(
             args.config, args.overrides, args.image, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
             memory_per_worker_gib=args.memory_per_worker, pvc=args.pvc, backoff_limit=args.backoff_limit,
+            run_root=args.run_root, env_secret=args.env_secret,
         )  # fmt: skip
     except (RenderError, ConfigError) as err:
         print(f"raysim: error: {err}", file=sys.stderr)
@@ -160,14 +175,9 @@ def _experiment(config_path: str, overrides: list[str], workers: int | None, gpu
 
 
 def entrypoint(run_dir: str) -> str:
-    """Resume when the run directory already holds a run (a RayJob retry), else start.
-    Single quotes keep the submitter pod's shell (which wraps this in `ray job submit`)
-    from evaluating the test; the job's own shell does."""
-    script = (
-        f'if [ -f {run_dir}/config.yaml ]; then set -- --resume; fi; '
-        f'exec raysim run {CONFIG_MOUNT}/config.yaml --out {run_dir} "$@"'
-    )
-    return f"bash -c '{script}'"
+    """Resume when the run directory (path or URL) already holds a run (a RayJob retry),
+    else start: `raysim run --auto-resume` decides, so no shell test is needed."""
+    return shlex.join(["raysim", "run", f"{CONFIG_MOUNT}/config.yaml", "--out", run_dir, "--auto-resume"])
 
 
 def _security_context() -> dict:
@@ -193,7 +203,9 @@ def _resources(cpus: int, memory_gib: int, gpus: int = 0) -> dict:
     return {"requests": dict(amounts), "limits": dict(amounts)}
 
 
-def _container(name: str, image: str, resources: dict, mounts: list[dict], ports: list[dict] | None = None) -> dict:
+def _container(
+    name: str, image: str, resources: dict, mounts: list[dict], ports: list[dict] | None = None, env_secret: str | None = None
+) -> dict:
     c = {
         "name": name,
         "image": image,
@@ -206,6 +218,8 @@ def _container(name: str, image: str, resources: dict, mounts: list[dict], ports
         "securityContext": _security_context(),
         "volumeMounts": mounts,
     }
+    if env_secret:  # e.g. object-store credentials: the driver and the workers write the run
+        c["envFrom"] = [{"secretRef": {"name": env_secret}}]
     if ports:
         c["ports"] = ports
     return c
@@ -226,7 +240,7 @@ def _volumes(pvc: str, memory_gib: int, config_map: str | None = None) -> tuple[
     return volumes, mounts
 
 
-def _head_group(image: str, pvc: str, config_map: str) -> dict:
+def _head_group(image: str, pvc: str, config_map: str, env_secret: str | None = None) -> dict:
     memory = 8
     volumes, mounts = _volumes(pvc, memory, config_map)
     ports = [
@@ -247,19 +261,19 @@ def _head_group(image: str, pvc: str, config_map: str) -> dict:
             "metadata": {"labels": {"app.kubernetes.io/name": "raysim", "app.kubernetes.io/component": "head"}},
             "spec": {
                 "securityContext": _pod_security_context(),
-                "containers": [_container("ray-head", image, _resources(2, memory), mounts, ports)],
+                "containers": [_container("ray-head", image, _resources(2, memory), mounts, ports, env_secret)],
                 "volumes": volumes,
             },
         },
     }
 
 
-def _worker_group(image: str, pvc: str, lay: Layout) -> dict:
+def _worker_group(image: str, pvc: str, lay: Layout, env_secret: str | None = None) -> dict:
     volumes, mounts = _volumes(pvc, lay.memory_per_pod_gib)
     resources = _resources(lay.ray_cpus_per_pod + POD_EXTRA_CPUS, lay.memory_per_pod_gib, lay.gpus_per_pod)
     spec = {
         "securityContext": _pod_security_context(),
-        "containers": [_container("ray-worker", image, resources, mounts)],
+        "containers": [_container("ray-worker", image, resources, mounts, env_secret=env_secret)],
         "volumes": volumes,
     }
     if lay.gpus_per_pod:
@@ -304,8 +318,9 @@ def _submitter(image: str) -> dict:
 
 
 def manifests(
-    cfg, config_text: str, image: str, memory_per_worker_gib: float, pvc: str, backoff_limit: int
-) -> tuple[dict, dict, Layout]:
+    cfg, config_text: str, image: str, memory_per_worker_gib: float, pvc: str, backoff_limit: int,
+    run_root: str = DEFAULT_RUN_ROOT, env_secret: str | None = None,
+) -> tuple[dict, dict, Layout]:  # fmt: skip
     rt = cfg.runtime
     actors = cfg.clients.total if rt.placement == "dedicated" else rt.num_workers
     lay = layout(actors, rt.num_gpus_per_worker, rt.num_cpus_per_worker, memory_per_worker_gib)
@@ -322,8 +337,8 @@ def manifests(
         "kind": "RayJob",
         "metadata": {"name": name, "labels": labels},
         "spec": {
-            "entrypoint": entrypoint(f"{STORAGE_MOUNT}/runs/{name}"),
-            # Each retry gets a fresh Ray cluster; the entrypoint resumes from the PVC.
+            "entrypoint": entrypoint(f"{run_root.rstrip('/')}/{name}"),
+            # Each retry gets a fresh Ray cluster; the entrypoint resumes from the run directory.
             "backoffLimit": backoff_limit,
             "shutdownAfterJobFinishes": True,
             "ttlSecondsAfterFinished": 600,
@@ -331,8 +346,8 @@ def manifests(
             "rayClusterSpec": {
                 "rayVersion": ray_version(),
                 "enableInTreeAutoscaling": False,
-                "headGroupSpec": _head_group(image, pvc, f"{name}-config"),
-                "workerGroupSpecs": [_worker_group(image, pvc, lay)],
+                "headGroupSpec": _head_group(image, pvc, f"{name}-config", env_secret),
+                "workerGroupSpecs": [_worker_group(image, pvc, lay, env_secret)],
             },
         },
     }
@@ -362,19 +377,32 @@ def render(
     memory_per_worker_gib: float = 8.0,
     pvc: str = DEFAULT_PVC,
     backoff_limit: int = 3,
+    run_root: str = DEFAULT_RUN_ROOT,
+    env_secret: str | None = None,
 ) -> str:
     """The ConfigMap + RayJob YAML for an experiment (raises ConfigError / RenderError)."""
     _check_image(image)
     if memory_per_worker_gib <= 0 or backoff_limit < 0:
         raise RenderError("--memory-per-worker must be > 0 and --backoff-limit >= 0")
+    if "://" not in run_root and not run_root.startswith("/"):
+        raise RenderError(
+            f"--run-root {run_root!r} must be an absolute path in the pods (e.g. {DEFAULT_RUN_ROOT} on the claim) "
+            "or a filesystem URL such as s3://bucket/runs"
+        )
+    if env_secret is not None and not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", env_secret):
+        raise RenderError(f"--env-secret {env_secret!r} is not a Kubernetes Secret name (lowercase letters, digits, '-', '.')")
     cfg, raw, applied = _experiment(config_path, list(overrides), workers, gpus_per_worker)
     config_text = f"# {config_path} with {' '.join(applied)}\n" + yaml.safe_dump(raw, sort_keys=False)
-    config_map, rayjob, lay = manifests(cfg, config_text, image, memory_per_worker_gib, pvc, backoff_limit)
+    config_map, rayjob, lay = manifests(
+        cfg, config_text, image, memory_per_worker_gib, pvc, backoff_limit, run_root, env_secret
+    )
     header = (
         f"# Rendered by `raysim k8s render` from {config_path} for Ray {ray_version()}; re-render rather than edit.\n"
         f"# {lay.actors} worker actors on {lay.pods} pod(s) of {lay.actors_per_pod} actor(s), "
         f"{lay.gpus_per_pod} GPU(s), {lay.ray_cpus_per_pod + POD_EXTRA_CPUS} CPUs, {lay.memory_per_pod_gib}Gi each.\n"
         f"# Needs the ReadWriteMany PersistentVolumeClaim {pvc!r}; stop with `kubectl delete rayjob {rayjob['metadata']['name']}`.\n"
+        f"# Run directory {run_root.rstrip('/')}/{rayjob['metadata']['name']}: a retry resumes it (--auto-resume)"
+        + (f"; environment from Secret {env_secret!r}.\n" if env_secret else ".\n")
     )
     return header + dump([config_map, rayjob])
 

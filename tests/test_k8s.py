@@ -40,6 +40,8 @@ RENDER_VARIANTS = {
                  "--workers", "32", "--gpus-per-worker", "0.5"],
     "gpu2": ["configs/quickstart.yaml", "--image", "reg.example:5000/team/" + IMAGE, "--workers", "2",
              "--gpus-per-worker", "2"],
+    "s3": ["configs/quickstart.yaml", "--image", IMAGE, "--workers", "2", "--gpus-per-worker", "1",
+           "--run-root", "s3://bucket/raysim/runs/", "--env-secret", "raysim-s3"],
 }  # fmt: skip
 
 
@@ -79,6 +81,7 @@ def render(args: list[str]) -> str:
     return k8s.render(
         ns.config, ns.overrides, ns.image, workers=ns.workers, gpus_per_worker=ns.gpus_per_worker,
         memory_per_worker_gib=ns.memory_per_worker, pvc=ns.pvc, backoff_limit=ns.backoff_limit,
+        run_root=ns.run_root, env_secret=ns.env_secret,
     )  # fmt: skip
 
 
@@ -283,6 +286,8 @@ def test_bad_render_input_exits_2_with_one_message(capsys, tmp_path):
         (["configs/quickstart.yaml", "runtime.num_workers=0"], "--workers must be at least 1"),
         (["configs/nope.yaml"], "configs/nope.yaml does not exist"),
         (["configs/quickstart.yaml", "--gpus-per-worker", "-1"], "--gpus-per-worker must be >= 0"),
+        (["configs/quickstart.yaml", "--run-root", "runs"], "--run-root 'runs' must be an absolute path"),
+        (["configs/quickstart.yaml", "--env-secret", "My_Secret"], "--env-secret 'My_Secret' is not a Kubernetes Secret"),
     ]
     for args, needle in cases:
         assert k8s.main(["k8s", "render", *args, "--image", IMAGE]) == 2
@@ -379,21 +384,20 @@ def test_config_is_mounted_on_the_head_and_the_run_dir_is_on_the_claim():
     assert cfg["name"] == "quickstart" and cfg["runtime"]["num_workers"] == 4
 
 
-def test_entrypoint_resumes_exactly_when_the_run_directory_holds_a_run(tmp_path):
+def test_entrypoint_passes_auto_resume_through_the_submitter_and_job_shells(tmp_path):
     """Replays the path of the entrypoint: KubeRay's submitter runs it inside
     `bash -c "... ray job submit ... -- ENTRYPOINT ;"`, `ray job submit` re-quotes the
     words it received (shlex.join), and the job runs that with a shell. A stub `raysim`
-    records the arguments it gets."""
+    records the arguments it gets. Whether to resume is raysim's decision (`--auto-resume`,
+    tests/test_storage.py), for a path on the claim and for a URL alike."""
     stub_dir = tmp_path / "bin"
     stub_dir.mkdir()
     stub = stub_dir / "raysim"
     stub.write_text('#!/bin/sh\nprintf "%s\\n" "$*" > "$RECORD"\n')
     stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
-    run_dir = tmp_path / "runs" / "exp"
-    command = k8s.entrypoint(str(run_dir))
-    assert "$(" not in command  # kubelet would try to expand $(VAR) in container args
 
-    def run_as_the_job():
+    def run_as_the_job(command):
+        assert "$(" not in command  # kubelet would try to expand $(VAR) in container args
         words = subprocess.run(
             ["bash", "-c", f"printf '%s\\0' {command}"], capture_output=True, text=True, check=True
         ).stdout.split("\0")[:-1]
@@ -402,10 +406,21 @@ def test_entrypoint_resumes_exactly_when_the_run_directory_holds_a_run(tmp_path)
         subprocess.run(shlex.join(words), shell=True, env=env, check=True)
         return record.read_text().strip()
 
-    assert run_as_the_job() == f"run /config/config.yaml --out {run_dir}"
-    run_dir.mkdir(parents=True)
-    (run_dir / "config.yaml").write_text("name: exp\n")  # what a first attempt leaves behind
-    assert run_as_the_job() == f"run /config/config.yaml --out {run_dir} --resume"
+    for run_dir in (str(tmp_path / "runs" / "exp"), "s3://bucket/raysim/runs/exp"):
+        assert run_as_the_job(k8s.entrypoint(run_dir)) == f"run /config/config.yaml --out {run_dir} --auto-resume"
+
+
+def test_s3_run_root_puts_the_run_at_the_url_with_credentials_from_a_secret():
+    _, job = _rayjob(RENDER_VARIANTS["s3"])
+    assert job["spec"]["entrypoint"] == (
+        "raysim run /config/config.yaml --out s3://bucket/raysim/runs/raysim-quickstart --auto-resume"
+    )
+    spec = job["spec"]["rayClusterSpec"]
+    for template in [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]:
+        # the driver uploads checkpoints; the workers write their clients' state
+        assert template["spec"]["containers"][0]["envFrom"] == [{"secretRef": {"name": "raysim-s3"}}]
+    _, plain = _rayjob(EXAMPLE_ARGS)
+    assert "envFrom" not in yaml.safe_dump(plain)
 
 
 # --------------------------------------------------------------------------- image
