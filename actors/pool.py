@@ -128,6 +128,8 @@ class RayPool:
         keep_versions: int = 2,
         inline: ClientWorker | None = None,
         start_wait_s: float = 60.0,
+        resources: dict[str, float] | None = None,
+        placement_strategy: str = "PACK",
     ):
         import ray
 
@@ -138,11 +140,29 @@ class RayPool:
         self.start_wait_s = start_wait_s
         self.inline = inline if placement == "pooled" else None
         n = num_clients if placement == "dedicated" else num_workers
+        resources = dict(resources or {})
         remote = ray.remote(ClientWorker).options(
-            num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts, max_task_retries=0
+            num_cpus=num_cpus, num_gpus=num_gpus, resources=resources, max_restarts=max_restarts, max_task_retries=0
         )
         args = (seed_fn, state_root, torch_threads, state_memory_bytes, keep_versions)
-        self.workers = [remote.remote(algorithm, i, *args) for i in range(n)]
+        self.placement_group = None
+        if placement == "dedicated":
+            # One bundle per client actor, reserved together: the run starts when every
+            # client has its resources, not with some clients waiting for others' GPUs.
+            from ray.util.placement_group import placement_group
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            bundle = {"CPU": num_cpus, "GPU": num_gpus, **resources}
+            bundle = {k: v for k, v in bundle.items() if v}
+            self.placement_group = placement_group([bundle] * n, strategy=placement_strategy, name="raysim-clients")
+            self.workers = [
+                remote.options(
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=i)
+                ).remote(algorithm, i, *args)
+                for i in range(n)
+            ]
+        else:
+            self.workers = [remote.remote(algorithm, i, *args) for i in range(n)]
         self.ready: set[int] = set()  # workers that take clients
         self.dead: set[int] = set()  # gone for good (restarts exhausted)
         self.probes: dict = {}  # ready() call in flight -> worker index
@@ -418,6 +438,11 @@ class RayPool:
 
         for w in self.workers:
             ray.kill(w)
+        if self.placement_group is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self.placement_group)
+            self.placement_group = None
         if self.inline is not None:
             self.inline.close()
             self.inline = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
 Tensors = dict[str, torch.Tensor]
@@ -23,6 +24,22 @@ class Broadcast:
     round: int
     tensors: Tensors
     payload: Mapping[str, Any] = field(default_factory=dict)
+
+    # The tensors travel as numpy arrays, which Ray writes into its object store straight
+    # from the driver's tensors (no pickled copy in the driver's heap). A worker copies them
+    # out: clients may change what they receive (e.g. train a head initialised from it).
+    def __getstate__(self):
+        return {**self.__dict__, "tensors": {k: _to_numpy(t) for k, t in self.tensors.items()}}
+
+    def __setstate__(self, state):
+        tensors = {k: torch.from_numpy(a.copy()) if isinstance(a, np.ndarray) else a for k, a in state["tensors"].items()}
+        object.__setattr__(self, "__dict__", {**state, "tensors": tensors})
+
+
+def _to_numpy(t: torch.Tensor):
+    if t.device.type == "cpu" and not t.requires_grad and t.dtype in (torch.float32, torch.float64, torch.int64):
+        return t.numpy()
+    return t  # bf16, GPU, or autograd tensors pickle as tensors
 
 
 @dataclass(frozen=True)

@@ -101,6 +101,7 @@ def render(r: dict) -> str:
             "q/v plus the two projections).",
             "",
         ]
+    out += _extra_rows()
     out += [
         "Same work on every side: the adapters' L2 norms agree to "
         + ", ".join(
@@ -114,12 +115,44 @@ def render(r: dict) -> str:
     return "\n".join(out)
 
 
+def _extra_rows() -> list[str]:
+    """Measurements made by their own commands (they store into benchmarks/extra_results.json)."""
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent / "extra_results.json"
+    extra = json.loads(path.read_text()) if path.is_file() else {}
+    rows = []
+    if "driver_memory" in extra:
+        d = extra["driver_memory"]
+        rows += [
+            "## Driver memory while aggregating",
+            "",
+            f"`{d['command']}` ({d['measured']}, load {d['load_avg_1m']:.1f}): {d['clients_folded']:,} updates of "
+            f"{d['params'] / 1e6:.0f}M parameters ({d['update_mb']:.0f} MB, {d['tensors']} tensors) folded by "
+            f"{d['workers']} workers in {d['round_s']:.0f} s. The driver's own memory (USS) grew by "
+            f"**{d['uss_growth_in_updates']:.2f} updates** at its peak (goal: at most 3); its RSS grew by "
+            f"{d['rss_growth_in_updates']:.2f} updates, which also counts the object-store pages of the workers' "
+            "partials that the driver maps zero-copy while merging them (shared memory owned by Ray's store, "
+            "released when the round's references go).",
+            "",
+        ]
+    if "soak" in extra:
+        k = extra["soak"]
+        rows += ["## Soak", "", k["text"], ""]
+    return rows
+
+
 PROSE = """## How each side is built
 
 - **raysim**: `raysim run configs/quickstart.yaml` with the overrides of each workload plus
   `eval.every=1000 checkpoint.every=1000` (evaluate at round 0 and at the end; one checkpoint, at the
-  end), 2 pooled workers with 1 torch thread each, through `benchmarks/raysim_run.py` (the real CLI,
-  with a timestamp after its imports).
+  end), 2 pooled workers with 1 torch thread each, defaults otherwise (the round loop in the `raysim run`
+  process, warm start: the driver serves clients until a worker is ready), through
+  `benchmarks/raysim_run.py` (the real CLI). For (a) nothing is imported before the CLI, which imports
+  torch in a thread while Ray starts, as `raysim run` does; for (b) and (c) the wrapper imports ray,
+  torch, transformers, peft and the engine first, as Flower's script imports torch and flwr first, so
+  "after imports" means the same on both sides.
 - **ideal** (`benchmarks/ideal.py`): one process, no Ray. The base model is built once with raysim's
   own `build_resident`; the loop samples with `sample_clients`, seeds each client with `derive_seed`,
   trains with `vlm_lora.local_train` (each client's optimizer moments kept in a dict across rounds),

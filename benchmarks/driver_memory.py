@@ -2,7 +2,9 @@
 updates, the driver merges partials in place, so its peak should stay a small multiple
 of ONE update however many clients there are.
 
-    .venv/bin/python benchmarks/driver_memory.py --clients 1000 --params 10000000
+    .venv/bin/python benchmarks/driver_memory.py --clients 1000 --params 10000000 --tensors 128
+
+An update is `--tensors` tensors (an adapter: LoRA A and B of 2 modules x 32 layers = 128).
 
 Prints a JSON line: driver peak RSS growth during the round, in units of one update.
 """
@@ -16,7 +18,7 @@ import time
 import psutil
 
 
-def measure(clients: int, params: int, workers: int, run_dir: str) -> dict:
+def measure(clients: int, params: int, workers: int, run_dir: str, tensors: int = 1) -> dict:
     import ray
 
     from raysim.config import load_config
@@ -25,6 +27,7 @@ def measure(clients: int, params: int, workers: int, run_dir: str) -> dict:
     overrides = [
         "algorithm.name=synthetic",
         f"algorithm.options.num_params={params}",
+        f"algorithm.options.num_tensors={tensors}",
         "algorithm.options.state_params=0",
         f"clients.total={clients}",
         f"clients.per_round={clients}",
@@ -64,12 +67,13 @@ def measure(clients: int, params: int, workers: int, run_dir: str) -> dict:
     stop.set()
     t.join()
     rec = {"clients": out.accepted}
-    assert new_state["w"].shape == (params,)
+    assert sum(t.numel() for t in new_state.values()) == params
     update_bytes = params * 4
     engine.pool.shutdown()
     return {
         "clients": clients,
         "params": params,
+        "tensors": tensors,
         "workers": workers,
         "update_mb": update_bytes / 2**20,
         "driver_peak_rss_growth_mb": (peak - base) / 2**20,
@@ -88,6 +92,17 @@ if __name__ == "__main__":
     ap.add_argument("--clients", type=int, default=1000)
     ap.add_argument("--params", type=int, default=10_000_000)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--tensors", type=int, default=128)
+    ap.add_argument("--record", action="store_true", help="also store the result in benchmarks/extra_results.json (docs/benchmarks.md shows it)")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
-        print(json.dumps(measure(a.clients, a.params, a.workers, d + "/run")))
+        result = measure(a.clients, a.params, a.workers, d + "/run", a.tensors)
+    print(json.dumps(result))
+    if a.record:
+        from pathlib import Path
+
+        path = Path(__file__).resolve().parent / "extra_results.json"
+        extra = json.loads(path.read_text()) if path.is_file() else {}
+        extra["driver_memory"] = {**result, "command": "benchmarks/driver_memory.py " + " ".join(__import__("sys").argv[1:]),
+                                  "measured": time.strftime("%Y-%m-%d %H:%M"), "load_avg_1m": __import__("os").getloadavg()[0]}
+        path.write_text(json.dumps(extra, indent=1))

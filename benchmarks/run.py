@@ -92,10 +92,10 @@ def _env() -> dict:
     return env
 
 
-def _run(cmd: list[str], logfile: Path) -> float:
+def _run(cmd: list[str], logfile: Path, env: dict | None = None) -> float:
     t0 = time.perf_counter()
     with open(logfile, "w") as f:
-        proc = subprocess.run(cmd, cwd=ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, cwd=ROOT, env=_env() | (env or {}), stdout=f, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         tail = logfile.read_text()[-3000:]
@@ -103,14 +103,15 @@ def _run(cmd: list[str], logfile: Path) -> float:
     return wall
 
 
-def run_raysim(overrides: list[str], scratch: Path, tag: str) -> dict:
+def run_raysim(overrides: list[str], scratch: Path, tag: str, preimport: bool = True) -> dict:
     from raysim.checkpoint import load_latest
     from raysim.vlm_lora import l2_norm
 
     out = scratch / f"raysim-{tag}"
     js = scratch / f"raysim-{tag}.json"
     cmd = [str(PY), str(HERE / "raysim_run.py"), "--json", str(js), "--", "run", CONFIG, "--out", str(out), "--quiet"]
-    wall = _run(cmd + COMMON + RAYSIM_ONLY + overrides, scratch / f"raysim-{tag}.log")
+    env = {"RAYSIM_BENCH_PREIMPORT": "1" if preimport else "0"}
+    wall = _run(cmd + COMMON + RAYSIM_ONLY + overrides, scratch / f"raysim-{tag}.log", env)
     timing = json.loads(js.read_text())
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((out / "summary.json").read_text())
@@ -177,14 +178,14 @@ SIDES = {"raysim": run_raysim, "ideal": run_ideal, "flower": run_flower}
 METRICS = ("steady_round_s", "mean_round_s", "first_round_s", "after_imports_s", "process_wall_s", "peak_memory_mb")
 
 
-def compare(name: str, overrides: list[str], sides: list[str], pairs: int, scratch: Path, extra=None) -> dict:
+def compare(name: str, overrides: list[str], sides: list[str], pairs: int, scratch: Path, extra=None, side_kwargs=None) -> dict:
     """Runs the sides alternately (A B A B ...) and takes medians per side."""
     extra = extra or {}
     log(f"== {name}: {' vs '.join(sides)}, {pairs} pair(s): {' '.join(overrides)}")
     runs: dict[str, list[dict]] = {s: [] for s in sides}
     for i in range(pairs):
         for s in sides:
-            runs[s].append(SIDES[s](overrides + extra.get(s, []), scratch, f"{name}-{i}"))
+            runs[s].append(SIDES[s](overrides + extra.get(s, []), scratch, f"{name}-{i}", **(side_kwargs or {}).get(s, {})))
     med = {s: {m: statistics.median(r[m] for r in runs[s]) for m in METRICS} for s in sides}
     norms = {s: runs[s][-1]["adapter_norm"] for s in sides}
     ref = norms[sides[0]]
@@ -332,7 +333,11 @@ def full(args, have_flower: bool, scratch: Path, save=lambda r: None) -> dict:
 
     save(res)
     if "a" in only:
-        a = compare("a", ["clients.total=100", "clients.per_round=10", "rounds=20"], ["raysim", "ideal"], pairs, scratch, ra)
+        # the real `raysim run` process: it imports torch while Ray starts (no pre-import)
+        a = compare(
+            "a", ["clients.total=100", "clients.per_round=10", "rounds=20"], ["raysim", "ideal"], pairs, scratch, ra,
+            side_kwargs={"raysim": {"preimport": False}},
+        )
         res["a"] = a
         m = a["median"]
         ratio = m["raysim"]["steady_round_s"] / m["ideal"]["steady_round_s"]

@@ -147,10 +147,17 @@ def ws_merge_into(acc: WeightedSum, other: WeightedSum) -> WeightedSum:
     return acc
 
 
-def ws_mean(acc: WeightedSum) -> Tensors:
+def ws_mean(acc: WeightedSum, release: bool = False) -> Tensors:
+    """The weighted mean as float32. `release=True` empties `acc` tensor by tensor as the
+    mean is built (the driver's peak: the int64 sums, not the sums plus the mean)."""
     if acc.weight <= 0:
         raise ValueError(f"cannot take a mean with total weight {acc.weight} (count={acc.count})")
-    return {k: _fixed_to_float32(s, _SCALE * acc.weight) for k, s in acc.sums.items()}
+    if not release:
+        return {k: _fixed_to_float32(s, _SCALE * acc.weight) for k, s in acc.sums.items()}
+    mean = {}
+    for k in list(acc.sums):
+        mean[k] = _fixed_to_float32(acc.sums.pop(k), _SCALE * acc.weight)
+    return mean
 
 
 def _fixed_to_float32(s: torch.Tensor, divisor: float, chunk: int = 1 << 20) -> torch.Tensor:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, ValidationError, model_validator
 
 
 class ConfigError(Exception):
@@ -131,6 +131,10 @@ class RuntimeConfig(_Strict):
     min_results: Optional[int] = Field(None, ge=1)
     num_cpus_per_worker: float = Field(1.0, ge=0)
     num_gpus_per_worker: float = Field(0.0, ge=0)
+    # Custom Ray resources each worker needs (e.g. {"a100": 1} to land on a labelled node group).
+    resources_per_worker: dict[str, NonNegativeFloat] = Field(default_factory=dict)
+    # dedicated: the client actors' bundles go in one placement group with this strategy.
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     torch_threads: int = Field(1, ge=1, description="torch threads inside each worker")
     ray_address: Optional[str] = None  # None: start an embedded local Ray
     # process: the round loop runs in the process that started Ray (the `raysim run`

@@ -179,6 +179,8 @@ class Engine:
                 keep_versions=cfg.checkpoint.every + 1,
                 inline=inline,
                 start_wait_s=rt.start_wait_s,
+                resources=rt.resources_per_worker,
+                placement_strategy=rt.placement_strategy,
             )
         # Actor creation above returns at once; build the driver's state while the workers
         # start and load their models, then wait for them.

@@ -76,12 +76,13 @@ def test_driver_memory_bounded_by_partials_not_clients(tmp_path, ray_cluster):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from driver_memory import measure
 
-    r = measure(clients=200, params=2_000_000, workers=2, run_dir=str(tmp_path / "mem"))
+    r = measure(clients=200, params=2_000_000, workers=2, run_dir=str(tmp_path / "mem"), tensors=128)
     assert r["clients_folded"] == 200
-    # 200 updates of 8 MB went through the fold. The driver's own memory (USS) grew by the
-    # int64 accumulator (2 updates), the new float32 state (1) and the serialised broadcast
-    # (<1): measured 3.8, see docs/benchmarks.md; 200 updates held at once would be 200.
-    assert r["uss_growth_in_updates"] <= 4.5, r
+    # 200 updates of 8 MB (128 tensors, like an adapter) went through the fold. The driver's
+    # own memory (USS) holds the int64 accumulator (2 updates), which the new float32 state
+    # replaces tensor by tensor; the broadcast goes to the object store without a pickled
+    # copy. Measured 2.1 (docs/benchmarks.md); 200 updates held at once would be 200.
+    assert r["uss_growth_in_updates"] <= 3.0, r
 
 
 def test_soak_memory_is_flat(tmp_path, ray_cluster):
@@ -91,5 +92,8 @@ def test_soak_memory_is_flat(tmp_path, ray_cluster):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from soak import soak
 
-    r = soak(rounds=60, clients=100, synthetic=True, run_dir=str(tmp_path / "soak"), warmup=15)
+    # without warm start: the driver's in-process worker would retire inside the window
+    # measured when a loaded machine starts the workers late, and that is not a leak
+    r = soak(rounds=60, clients=100, synthetic=True, run_dir=str(tmp_path / "soak"), warmup=15,
+             extra=["runtime.warm_start=false"])
     assert r["growth_pct"] < 5.0, r

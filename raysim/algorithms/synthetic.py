@@ -19,6 +19,9 @@ class Options(BaseModel):
     num_params: int = Field(1000, ge=1, description="floats per update")
     state_params: int = Field(1000, ge=0, description="floats of persistent state per client")
     compute_s: float = Field(0.0, ge=0, description="busy time per client step")
+    # An adapter is many tensors (LoRA A and B per adapted module and layer); the update
+    # is split into this many, named w000, w001, ... (1: one tensor named w).
+    num_tensors: int = Field(1, ge=1)
 
 
 class Synthetic:
@@ -26,8 +29,14 @@ class Synthetic:
         self.cfg = cfg
         self.opt = Options.model_validate(cfg.algorithm.options)
 
+    def _sizes(self) -> dict[str, int]:
+        n, k = self.opt.num_params, self.opt.num_tensors
+        if k == 1:
+            return {"w": n}
+        return {f"w{i:03d}": n // k + (1 if i < n % k else 0) for i in range(k)}
+
     def init_server(self) -> Tensors:
-        return {"w": torch.zeros(self.opt.num_params)}
+        return {key: torch.zeros(size) for key, size in self._sizes().items()}
 
     def broadcast(self, state: Tensors, round: int, client_ids: list[int]) -> Broadcast:
         return Broadcast(round=round, tensors=state)
@@ -53,7 +62,9 @@ class Synthetic:
         while time.perf_counter() < end:  # busy, like training; sleeping would free the core
             pass
         update = torch.randn(self.opt.num_params, generator=gen) * 0.01
-        return ClientResult(ctx.client_id, 1, {"w": msg.tensors["w"] + update})
+        sizes = self._sizes()
+        parts = torch.split(update, list(sizes.values()))
+        return ClientResult(ctx.client_id, 1, {key: msg.tensors[key] + part for key, part in zip(sizes, parts)})
 
     def zero(self, msg: Broadcast) -> agg.WeightedSum:
         return agg.ws_zero()
@@ -65,10 +76,10 @@ class Synthetic:
         return agg.ws_merge_into(a, b)
 
     def finalize(self, state: Tensors, acc: agg.WeightedSum) -> Tensors:
-        return agg.ws_mean(acc)
+        return agg.ws_mean(acc, release=True)
 
     def evaluate(self, state: Tensors) -> dict[str, float]:
-        return {"norm": float(state["w"].double().norm())}
+        return {"norm": float(torch.cat([t.double() for t in state.values()]).norm())}
 
     def state_tensors(self, state: Tensors) -> Tensors:
         return state
