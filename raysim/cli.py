@@ -145,7 +145,7 @@ def _run(cfg, args) -> int:
     console = Console(stderr=False, quiet=args.quiet)
     rt = cfg.runtime
     if args.out and is_url(args.out):
-        Mirror(args.out, args.staging).check()  # an unusable URL fails before Ray starts
+        Mirror(args.out, args.staging).check(rt.num_workers)  # an unusable URL fails before Ray starts
         out = run_dir = args.out
         staging = str(Path(args.staging).absolute()) if args.staging else None
     else:

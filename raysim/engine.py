@@ -21,7 +21,7 @@ from raysim.config import ConfigError, ExperimentConfig, config_from_dict, save_
 from raysim.guard import Guarded, client_public_key, reveal_for_dropped
 from raysim.screening import Quarantine, reject_kind
 from raysim.seeding import derive_seed, sample_clients
-from raysim.storage import Mirror, StorageError, is_url, remove_tree
+from raysim.storage import Mirror, is_url, remove_tree
 
 # Keys that may differ between the original run and its --resume: more rounds, another
 # runtime (e.g. resume on a different cluster), evaluation and checkpoint cadence.
@@ -54,12 +54,7 @@ class RunDir:
         run) and write config.yaml; returns whether the run resumes."""
         p, m = self.path, self.mirror
         if m is not None:
-            if m.fs.protocol in ("memory", ("memory",)) and cfg.runtime.num_workers:
-                raise StorageError(
-                    f"--out {m.url}: memory:// lives in one process, but runtime.num_workers="
-                    f"{cfg.runtime.num_workers} runs clients in others; use runtime.num_workers=0 or another URL"
-                )
-            m.check()
+            m.check(cfg.runtime.num_workers)
             holds = m.holds_run()
         else:
             holds = (p / "config.yaml").is_file()

@@ -141,8 +141,14 @@ class Mirror:
     def holds_run(self) -> bool:
         return bool(self._call(self.fs.exists, self._remote("config.yaml")))
 
-    def check(self) -> None:
-        """Fail now, with a clear message, if the URL cannot be listed (credentials)."""
+    def check(self, num_workers: int = 0) -> None:
+        """Fail now, with a clear message, if the URL cannot be listed (credentials) or
+        cannot be reached by the client workers (memory:// with Ray workers)."""
+        if self.fs.protocol in ("memory", ("memory",)) and num_workers:
+            raise StorageError(
+                f"--out {self.url}: memory:// lives in one process, but runtime.num_workers={num_workers} "
+                "runs clients in others; use runtime.num_workers=0 or another URL"
+            )
         self.remote_files()
 
     def _rm(self, rel: str) -> None:

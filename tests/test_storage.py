@@ -22,6 +22,7 @@ MEM = fsspec.filesystem("memory")
 
 
 def run(out, *extra, **over):
+    over = {"checkpoint.keep_last": 2, **over}
     return main(["run", "configs/quickstart.yaml", *tiny_overrides(**over), "--out", str(out), "--quiet", *extra])
 
 
@@ -40,9 +41,9 @@ def mem_url():
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """The reference: 4 rounds in one go, on a local path."""
+    """The reference: 3 rounds in one go, on a local path."""
     out = tmp_path_factory.mktemp("full") / "run"
-    assert run(out, rounds=4) == 0
+    assert run(out, rounds=3) == 0
     return out
 
 
@@ -53,17 +54,17 @@ def test_url_run_resumed_on_a_fresh_staging_dir_is_bit_identical(tmp_path, mem_u
     assert MEM.exists(f"{root}/config.yaml") and MEM.find(f"{root}/client_state")  # written by the workers
     # attempt 2 on "another pod": an empty staging directory, everything comes from the URL
     fresh = tmp_path / "B"
-    assert run(mem_url, "--auto-resume", "--staging", str(fresh), rounds=4) == 0
+    assert run(mem_url, "--auto-resume", "--staging", str(fresh), rounds=3) == 0
     assert lines(MEM.cat_file(f"{root}/metrics.jsonl").decode()) == lines((uninterrupted / "metrics.jsonl").read_text())
-    assert [r["round"] for r in lines(MEM.cat_file(f"{root}/metrics.jsonl").decode())] == [0, 1, 2, 3, 4]
-    for rel in ("adapter/adapter_model.safetensors", "checkpoints/round-00004/server.safetensors"):
+    assert [r["round"] for r in lines(MEM.cat_file(f"{root}/metrics.jsonl").decode())] == [0, 1, 2, 3]
+    for rel in ("adapter/adapter_model.safetensors", "checkpoints/round-00003/server.safetensors"):
         got, want = load(MEM.cat_file(f"{root}/{rel}")), load_file(str(uninterrupted / rel))
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), rel
     summary = json.loads(MEM.cat_file(f"{root}/summary.json"))
     assert summary["final"] == json.loads((uninterrupted / "summary.json").read_text())["final"]
-    # keep_last=3: round 1 was pruned locally, and so at the URL too
+    # keep_last=2: round 1 was pruned locally, and so at the URL too
     ckpts = sorted({p.split("/")[-2] for p in MEM.find(f"{root}/checkpoints")})
-    assert ckpts == ["round-00002", "round-00003", "round-00004"]
+    assert ckpts == ["round-00002", "round-00003"]
     # the staging directory mirrors the URL (client state stays remote only)
     assert not (fresh / "client_state").exists() and (fresh / "summary.json").is_file()
 
