@@ -50,9 +50,13 @@ def open_fs(url: str):
     try:
         return fsspec.core.url_to_fs(url)
     except ImportError as err:
+        fix = (
+            "install raysim's storage extra: pip install 'raysim[storage]' (s3fs and gcsfs)"
+            if proto in ("s3", "s3a", "gs", "gcs")
+            else "install the package named"
+        )
         raise StorageError(
-            f"--out {url}: the {proto}:// filesystem needs a package that is not installed ({err}). "
-            "Install raysim's storage extra (`pip install 'raysim[storage]'`: s3fs and gcsfs) or the package named."
+            f"--out {url}: the {proto}:// filesystem needs a package that is not installed ({err}); {fix}."
         ) from None
     except (ValueError, TypeError) as err:
         raise StorageError(

@@ -2,6 +2,7 @@
 and file:// stand in for s3:// / gs://. A run cut off after round 2 and continued with
 --auto-resume from an empty staging directory (a fresh pod) ends bit-identical to an
 uninterrupted run; checkpoints appear at the URL only whole; bad URLs exit 2."""
+import importlib.util
 import json
 import shutil
 import uuid
@@ -190,6 +191,10 @@ def test_bad_urls_exit_2_with_one_clear_message(tmp_path, mem_url, capsys, monke
     assert run("nosuchfs://bucket/run") == 2
     err = capsys.readouterr().err
     assert "nosuchfs://bucket/run" in err and "no filesystem implements nosuchfs://" in err and "Traceback" not in err
+
+    if importlib.util.find_spec("s3fs") is None:  # CI: the storage extra is not installed
+        assert run("s3://bucket/run") == 2
+        assert "pip install 'raysim[storage]'" in capsys.readouterr().err
 
     class NoCredentialsError(Exception):
         """What botocore raises without credentials."""
