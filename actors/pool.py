@@ -141,9 +141,10 @@ class RayPool:
         self.inline = inline if placement == "pooled" else None
         n = num_clients if placement == "dedicated" else num_workers
         resources = dict(resources or {})
-        remote = ray.remote(ClientWorker).options(
+        actor_options = dict(
             num_cpus=num_cpus, num_gpus=num_gpus, resources=resources, max_restarts=max_restarts, max_task_retries=0
         )
+        remote = ray.remote(ClientWorker).options(**actor_options)
         args = (seed_fn, state_root, torch_threads, state_memory_bytes, keep_versions)
         self.placement_group = None
         if placement == "dedicated":
@@ -156,9 +157,12 @@ class RayPool:
             bundle = {k: v for k, v in bundle.items() if v}
             self.placement_group = placement_group([bundle] * n, strategy=placement_strategy, name="raysim-clients")
             self.workers = [
-                remote.options(
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=i)
-                ).remote(algorithm, i, *args)
+                ray.remote(ClientWorker)
+                .options(
+                    **actor_options,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=i),
+                )
+                .remote(algorithm, i, *args)
                 for i in range(n)
             ]
         else:
