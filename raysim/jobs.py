@@ -174,11 +174,12 @@ def _config_in_project(config_path: str) -> str:
 
 def _check_out(out: str) -> None:
     # A relative --out would land in the job's temporary copy of the project and vanish;
-    # URLs (s3://...) wait for the run directory to support them (it is a local path today).
-    if not out.startswith("/"):
+    # a filesystem URL (s3://...) is fine: the run mirrors its staging directory there.
+    if not out.startswith("/") and "://" not in out:
         raise JobsError(
-            f"--out {out!r} must be an absolute path on the cluster (e.g. /storage/runs/NAME on a PVC mount); "
-            "a relative path would end up in the job's temporary copy of the project"
+            f"--out {out!r} must be an absolute path on the cluster (e.g. /storage/runs/NAME on a PVC mount) "
+            "or a filesystem URL such as s3://bucket/runs/NAME; a relative path would end up in the job's "
+            "temporary copy of the project"
         )
 
 
