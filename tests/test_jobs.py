@@ -240,3 +240,12 @@ def test_unknown_job_and_bad_input_exit_2_with_a_clear_message(ray_head, tmp_pat
     assert proc.returncode == 2 and "--env 'NOEQUALS' is not of the form KEY=VALUE" in proc.stderr
     for p in (proc.stderr, proc.stdout):
         assert "Traceback" not in p
+
+
+def test_submit_out_is_an_absolute_path_or_a_url():
+    from raysim.jobs import JobsError, _check_out
+
+    _check_out("/storage/runs/x")
+    _check_out("s3://bucket/runs/x")
+    with pytest.raises(JobsError, match="absolute path on the cluster"):
+        _check_out("runs/x")
