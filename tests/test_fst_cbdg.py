@@ -105,8 +105,10 @@ def test_contract_determinism_pickling_and_bytes():
     first_labels = cache["soft_labels"].clone()
     msg2 = Broadcast(2, r1.tensors)
     step(alg, resident, 1, msg2, ctx.state)
-    probs = torch.softmax(100.0 * fst_cbdg.head_logits(r1.tensors, cache["features"]), -1)
-    assert torch.allclose(ctx.state["cache"]["soft_labels"], 0.9 * first_labels + 0.1 * probs)
+    opts = alg.opts
+    probs = torch.softmax(opts.label_scale * fst_cbdg.head_logits(r1.tensors, cache["features"]), -1)
+    m = opts.label_momentum
+    assert torch.allclose(ctx.state["cache"]["soft_labels"], m * first_labels + (1 - m) * probs)
 
     # the fold is a sample-weighted mean and leaves its inputs alone
     r0, _ = step(alg, resident, 0, msg, {})
