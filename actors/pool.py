@@ -285,7 +285,9 @@ class RayPool:
         min_results: int | None = None,
     ) -> RoundOutput:
         active = self._active()
-        if not active and self.inline is not None:
+        # In one process a straggler cannot be left behind: rounds with a deadline wait for
+        # the workers, whose pull-based queue drops late results.
+        if not active and self.inline is not None and deadline_s is None:
             out = _run_inline(self.inline, self.algorithm, msg, client_ids, versions, keep)
             out.workers = 0
             return out
@@ -339,9 +341,18 @@ class RayPool:
             if not pending:  # every worker died and the inline worker took a client
                 dispatch(self._live_after(-1))
                 continue
-            done, _ = ray.wait(list(pending), num_returns=1, timeout=timeout)
+            # A worker that becomes ready mid-round starts pulling clients at once.
+            done, _ = ray.wait(list(pending) + list(self.probes), num_returns=1, timeout=timeout)
             if not done:
                 continue  # the deadline passed: re-check whether enough results are in
+            if done[0] in self.probes:
+                joined = self.probes[done[0]]
+                self._settle(done[0])
+                if joined in self.ready and joined not in active:
+                    active.append(joined)
+                    active.sort()
+                    dispatch(joined)
+                continue
             cid, w = pending.pop(done[0])
             try:
                 accepted[cid] = ray.get(done[0])
