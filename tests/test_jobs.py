@@ -28,7 +28,7 @@ from conftest import tiny_overrides
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 CACHE = os.environ["RAYSIM_CACHE"]  # set by conftest: the job reuses the suite's pre-trained base
-TINY = tiny_overrides(**{"runtime.num_workers": 1})
+TINY = tiny_overrides(**{"runtime.num_workers": 1, "runtime.warm_start": "false"})  # the worker actor serves every round
 
 
 @dataclass
