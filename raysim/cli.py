@@ -162,12 +162,11 @@ def _run(cfg, args) -> int:
     # Sampled from the start: the peak of the whole process tree (Ray, workers) lands in summary.json.
     with PeakMemorySampler() as memory:
         cli_rss = lambda: 0.0  # noqa: E731 - the engine's process reports its own peak
-        if rt.num_workers == 0:
-            engine = load_engine()(cfg.to_dict(), str(out), resume, staging)
-            call = lambda method, *a: getattr(engine, method)(*a)  # noqa: E731
-            shutdown = lambda: None  # noqa: E731
-        elif rt.driver == "process":
-            engine = _start_ray(cfg, load_engine)(cfg.to_dict(), run_dir, resume, staging)
+        if rt.num_workers == 0 or rt.driver == "process":  # the round loop runs in this process
+            if rt.num_workers == 0:
+                engine = load_engine()(cfg.to_dict(), str(out), resume, staging)
+            else:
+                engine = _start_ray(cfg, load_engine)(cfg.to_dict(), run_dir, resume, staging)
             call = lambda method, *a: getattr(engine, method)(*a)  # noqa: E731
             shutdown = lambda: None  # noqa: E731
         else:
