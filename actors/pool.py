@@ -24,6 +24,7 @@ class RoundOutput:
     accepted: list[int] = field(default_factory=list)  # clients whose results were folded
     late: list[int] = field(default_factory=list)  # sampled, but dropped (deadline / over-selection)
     workers: int = 0  # remote workers that served the round (0: in this process)
+    served: dict[int, int] = field(default_factory=dict)  # client -> worker index (-1: the driver's process)
 
 
 class OrderedMerger:
@@ -96,11 +97,25 @@ class LocalPool:
         pass
 
 
+@dataclass(frozen=True)
+class WorkerGroup:
+    """A set of workers with the same resources; `client_group` says which clients it serves."""
+
+    name: str
+    num_workers: int
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)
+
+
 class RayPool:
-    """A pool of ClientWorker actors. `pooled`: `num_workers` actors serve all clients;
-    with `assignment: sticky` client c runs on the (c mod n)-th ready worker (its state
-    stays in that worker's memory), with `balanced` each round's clients are spread by
-    data size. `dedicated`: one actor per client, each with its own resources.
+    """A pool of ClientWorker actors in worker groups (one group unless clients come in
+    families with their own resources): a client only ever runs on a worker of its group
+    (`client_group[c]`), and everything below holds within each group. `pooled`: a group's
+    `num_workers` actors serve its clients; with `assignment: sticky` client c runs on the
+    (c mod n)-th ready worker of its group (its state stays in that worker's memory), with
+    `balanced` each round's clients are spread by data size. `dedicated`: one actor per
+    client, each with its group's resources.
 
     The pool is elastic (pooled placement): a worker serves clients from the first round
     that starts after it is ready (e.g. an autoscaler added its node); a worker that dies
@@ -109,7 +124,8 @@ class RayPool:
     (per-client seeds, versioned state on disk, an order-independent fold). With an
     `inline` worker (a ClientWorker in the driver's process, model already built), rounds
     run in-process while no remote worker is ready, e.g. while they import torch and
-    build their models at start-up; it is dropped once every worker is ready."""
+    build their models at start-up (until every group that has clients has a ready
+    worker); it is dropped once every worker is ready."""
 
     def __init__(
         self,
@@ -117,19 +133,17 @@ class RayPool:
         seed_fn: Callable[[int, int], int],
         state_root: str,
         num_clients: int,
-        num_workers: int,
+        groups: list[WorkerGroup],
         placement: str,
         assignment: str,
-        num_cpus: float,
-        num_gpus: float,
         torch_threads: int,
         state_memory_bytes: int | None = None,
         max_restarts: int = -1,
         keep_versions: int = 2,
         inline: ClientWorker | None = None,
         start_wait_s: float = 60.0,
-        resources: dict[str, float] | None = None,
         placement_strategy: str = "PACK",
+        client_group: list[int] | None = None,
     ):
         import ray
 
@@ -139,34 +153,53 @@ class RayPool:
         self.max_restarts = max_restarts
         self.start_wait_s = start_wait_s
         self.inline = inline if placement == "pooled" else None
-        n = num_clients if placement == "dedicated" else num_workers
-        resources = dict(resources or {})
-        actor_options = dict(
-            num_cpus=num_cpus, num_gpus=num_gpus, resources=resources, max_restarts=max_restarts, max_task_retries=0
-        )
-        remote = ray.remote(ClientWorker).options(**actor_options)
+        self.client_group = list(client_group) if client_group is not None else [0] * num_clients
+        self.group_specs = list(groups)
+        # Worker i belongs to group group_of[i]: pooled, each group's actors in a block in
+        # group order; dedicated, worker i is client i's actor.
+        if placement == "dedicated":
+            self.group_of = list(self.client_group)
+        else:
+            self.group_of = [g for g, spec in enumerate(self.group_specs) for _ in range(spec.num_workers)]
+        n = len(self.group_of)
+        # "image-0", "image-1", ...: the k-th worker of its group (records say who served whom)
+        self.labels = [f"{self.group_specs[g].name}-{self.group_of[:i].count(g)}" for i, g in enumerate(self.group_of)]
+        self.needed = sorted(set(self.client_group))  # groups that have clients
+
+        def options(g: int) -> dict:
+            spec = self.group_specs[g]
+            return dict(
+                num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, resources=dict(spec.resources),
+                max_restarts=max_restarts, max_task_retries=0,
+            )  # fmt: skip
+
         args = (seed_fn, state_root, torch_threads, state_memory_bytes, keep_versions)
         self.placement_group = None
         if placement == "dedicated":
-            # One bundle per client actor, reserved together: the run starts when every
-            # client has its resources, not with some clients waiting for others' GPUs.
+            # One bundle per client actor (its group's resources), reserved together: the run
+            # starts when every client has its resources, not with some waiting for others' GPUs.
             from ray.util.placement_group import placement_group
             from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-            bundle = {"CPU": num_cpus, "GPU": num_gpus, **resources}
-            bundle = {k: v for k, v in bundle.items() if v}
-            self.placement_group = placement_group([bundle] * n, strategy=placement_strategy, name="raysim-clients")
+            bundles = []
+            for g in self.group_of:
+                spec = self.group_specs[g]
+                bundle = {"CPU": spec.num_cpus, "GPU": spec.num_gpus, **spec.resources}
+                bundles.append({k: v for k, v in bundle.items() if v})
+            self.placement_group = placement_group(bundles, strategy=placement_strategy, name="raysim-clients")
             self.workers = [
                 ray.remote(ClientWorker)
                 .options(
-                    **actor_options,
+                    **options(g),
                     scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=i),
                 )
                 .remote(algorithm, i, *args)
-                for i in range(n)
+                for i, g in enumerate(self.group_of)
             ]
         else:
-            self.workers = [remote.remote(algorithm, i, *args) for i in range(n)]
+            self.workers = [
+                ray.remote(ClientWorker).options(**options(g)).remote(algorithm, i, *args) for i, g in enumerate(self.group_of)
+            ]
         self.ready: set[int] = set()  # workers that take clients
         self.dead: set[int] = set()  # gone for good (restarts exhausted)
         self.probes: dict = {}  # ready() call in flight -> worker index
@@ -176,8 +209,9 @@ class RayPool:
 
     def start(self) -> None:
         """Ask every worker to build its model. Dedicated placement waits for all; pooled
-        placement waits for all for up to `start_wait_s` (then goes on with those ready),
-        and not at all when an inline worker can serve the first rounds."""
+        placement waits for all for up to `start_wait_s` (then goes on once every group
+        with clients has a ready worker), and not at all when an inline worker can serve
+        the first rounds."""
         import ray
 
         for i in range(len(self.workers)):
@@ -188,14 +222,23 @@ class RayPool:
         deadline = time.monotonic() + self.start_wait_s
         while self.probes:
             left = deadline - time.monotonic()
-            if self.placement == "pooled" and self.ready and left <= 0:
+            served = self._groups_served()
+            if self.placement == "pooled" and served and left <= 0:
                 break
-            timeout = None if self.placement == "dedicated" or not self.ready else left
+            timeout = None if self.placement == "dedicated" or not served else left
             done, _ = ray.wait(list(self.probes), num_returns=1, timeout=timeout)
             for ref in done:
                 self._settle(ref)
-        if not self.ready:
-            self._wait_for_any()
+        for g in self.needed:
+            self._wait_for_group(g)
+
+    def _in_group(self, g: int, workers) -> list[int]:
+        return sorted(w for w in workers if self.group_of[w] == g)
+
+    def _groups_served(self, active=None) -> bool:
+        """Every group with clients has a ready worker."""
+        ready = self.ready if active is None else active
+        return all(self._in_group(g, ready) for g in self.needed)
 
     def _probe(self, i: int) -> None:
         self.probes[self.workers[i].ready.remote()] = i
@@ -233,40 +276,62 @@ class RayPool:
             self.inline = None
         return sorted(self.ready)
 
-    def _wait_for_any(self) -> None:
+    def _wait_for_group(self, g: int) -> None:
+        """Until group g has a ready worker."""
         import ray
 
-        while not self.ready:
-            if not self.probes:
-                raise RuntimeError(f"all {len(self.workers)} client workers died and none will be restarted")
-            done, _ = ray.wait(list(self.probes), num_returns=1)
+        while not self._in_group(g, self.ready):
+            probes = [ref for ref, w in self.probes.items() if self.group_of[w] == g]
+            if not probes:
+                members = self._in_group(g, range(len(self.workers)))
+                raise RuntimeError(
+                    f"all {len(members)} client workers of group '{self.group_specs[g].name}' died and none will be restarted"
+                )
+            done, _ = ray.wait(probes, num_returns=1)
             self._settle(done[0])
 
-    def _live_after(self, w: int) -> int | None:
-        """The live worker that takes over from w (None: run inline)."""
-        if not self.ready:
+    def _live_after(self, w: int, g: int | None = None) -> int | None:
+        """The live worker of w's group (or of group g) that takes over from w (None: run inline)."""
+        g = self.group_of[w] if g is None else g
+        if not self._in_group(g, self.ready):
             if self.inline is not None:
                 return None
-            self._wait_for_any()
-        later = [r for r in sorted(self.ready) if r > w]
-        return later[0] if later else min(self.ready)
+            self._wait_for_group(g)
+        live = self._in_group(g, self.ready)
+        later = [r for r in live if r > w]
+        return later[0] if later else live[0]
 
     # ---------------------------------------------------------------- rounds
 
     def home(self, client_id: int, active: list[int]) -> int:
         if self.placement == "dedicated":
             return client_id
-        return active[client_id % len(active)]
+        mine = self._in_group(self.client_group[client_id], active)
+        return mine[client_id_slot(client_id, mine)]
 
     def groups(self, client_ids: list[int], active: list[int]) -> dict[int, list[int]]:
+        """Worker -> the clients it runs this round (each on a worker of its own group)."""
         if self.placement == "pooled" and self.assignment == "balanced":
             cost = getattr(self.algorithm, "client_cost", lambda c: 1.0)
-            by_slot = balanced_groups(client_ids, len(active), cost, lambda c: client_id_slot(c, active))
-            return {active[s]: ids for s, ids in by_slot.items()}
+            out: dict[int, list[int]] = {}
+            for g in sorted({self.client_group[c] for c in client_ids}):
+                mine = self._in_group(g, active)
+                ids = [c for c in client_ids if self.client_group[c] == g]
+                by_slot = balanced_groups(ids, len(mine), cost, lambda c: client_id_slot(c, mine))
+                out.update({mine[s]: ids for s, ids in by_slot.items()})
+            return out
         groups: dict[int, list[int]] = {}
         for cid in client_ids:
             groups.setdefault(self.home(cid, active), []).append(cid)
         return groups
+
+    def _serve_all_groups(self, active: list[int]) -> list[int]:
+        """Wait until every group with clients has a ready worker; the active workers."""
+        if not self._groups_served(active):
+            for g in self.needed:
+                self._wait_for_group(g)
+            active = sorted(self.ready)
+        return active
 
     def _active(self) -> list[int]:
         active = self.refresh()
@@ -287,13 +352,12 @@ class RayPool:
         active = self._active()
         # In one process a straggler cannot be left behind: rounds with a deadline wait for
         # the workers, whose pull-based queue drops late results.
-        if not active and self.inline is not None and deadline_s is None:
+        if not self._groups_served(active) and self.inline is not None and deadline_s is None:
             out = _run_inline(self.inline, self.algorithm, msg, client_ids, versions, keep)
             out.workers = 0
+            out.served = {c: -1 for c in out.accepted}
             return out
-        if not active:
-            self._wait_for_any()
-            active = sorted(self.ready)
+        active = self._serve_all_groups(active)
         if (keep is not None and keep < len(client_ids)) or deadline_s is not None:
             out = self._run_first_k(msg, client_ids, versions, keep or len(client_ids), deadline_s, min_results, active)
         else:
@@ -315,19 +379,24 @@ class RayPool:
         pending: dict = {}
         accepted: dict[int, Partial] = {}
 
-        def dispatch(w: int | None) -> None:
-            if not queue:
+        served: dict[int, int] = {}
+
+        def dispatch(w: int | None, g: int | None = None) -> None:
+            if w is None:  # no live worker in group g: the inline worker takes its next client now
+                cid = next((c for c in queue if self.client_group[c] == g), None)
+                if cid is not None:
+                    queue.remove(cid)
+                    accepted[cid], served[cid] = self.inline.run(msg, [cid], versions), -1
                 return
-            if w is None:  # no live worker: the inline worker takes the next client now
-                cid = queue.pop(0)
-                accepted[cid] = self.inline.run(msg, [cid], versions)
-                return
-            # prefer a client whose state lives on this worker
-            pick = next((c for c in queue if self.home(c, active) == w), queue[0])
+            # a client of this worker's group, preferably one whose state lives on it
+            mine = [c for c in queue if self.client_group[c] == self.group_of[w]]
+            if not mine:
+                return  # nothing left for this group: the worker idles
+            pick = next((c for c in mine if self.home(c, active) == w), mine[0])
             queue.remove(pick)
             pending[self.workers[w].run.remote(msg_ref, [pick], versions)] = (pick, w)
 
-        for w in active[: len(queue)]:
+        for w in list(active):
             dispatch(w)
         requeued, failures = [], 0
         need_after_deadline = min(min_results or keep, keep)
@@ -338,8 +407,9 @@ class RayPool:
                 if left <= 0 and len(accepted) >= need_after_deadline:
                     break
                 timeout = left if left > 0 else None
-            if not pending:  # every worker died and the inline worker took a client
-                dispatch(self._live_after(-1))
+            if not pending:  # every worker of a group died and the inline worker took a client
+                g = self.client_group[queue[0]]
+                dispatch(self._live_after(-1, g), g)
                 continue
             # A worker that becomes ready mid-round starts pulling clients at once.
             done, _ = ray.wait(list(pending) + list(self.probes), num_returns=1, timeout=timeout)
@@ -355,13 +425,17 @@ class RayPool:
                 continue
             cid, w = pending.pop(done[0])
             try:
-                accepted[cid] = ray.get(done[0])
+                accepted[cid], served[cid] = ray.get(done[0]), w
             except RayActorError:
                 failures += 1
                 requeued.append(cid)
                 queue.insert(0, cid)
                 self._lost(w)
+                g = self.group_of[w]
                 w = self._live_after(w)
+                if w is None:
+                    dispatch(None, g)
+                    continue
             dispatch(w)
         merger = OrderedMerger(self.algorithm, msg, sorted(accepted))
         for cid, part in accepted.items():
@@ -372,6 +446,7 @@ class RayPool:
         out.requeued, out.worker_failures = sorted(requeued), failures
         out.accepted = sorted(accepted)
         out.late = sorted([c for c, _ in pending.values()] + queue)
+        out.served = {c: served[c] for c in out.accepted}
         return out
 
     def _run_all(self, msg, client_ids: list[int], versions: dict[int, int], active: list[int]) -> RoundOutput:
@@ -384,11 +459,13 @@ class RayPool:
         merger = OrderedMerger(self.algorithm, msg, sorted(groups))
         pending = {self.workers[w].run.remote(msg_ref, ids, versions): (w, w, ids) for w, ids in groups.items()}
         requeued, failures = [], 0
+        served: dict[int, int] = {}
         while pending:  # collect partials as they complete
             done, _ = ray.wait(list(pending), num_returns=1)
             slot, w, ids = pending.pop(done[0])
             try:
                 part = ray.get(done[0])
+                served.update({c: w for c in ids})
             except RayActorError:
                 # The worker died (its clients' state of earlier rounds is on disk): re-run
                 # them on a live worker; it rejoins once Ray has restarted it. The partial
@@ -401,23 +478,23 @@ class RayPool:
                     pending[self.workers[retry].run.remote(msg_ref, ids, versions)] = (slot, retry, ids)
                     continue
                 part = self.inline.run(msg, ids, versions)
+                served.update({c: -1 for c in ids})
             part.worker = slot
             merger.add(part)
         out = merger.out
         out.transfer_s = max(0.0, time.perf_counter() - t0 - out.compute_s - out.merge_s)
         out.requeued, out.worker_failures = sorted(requeued), failures
         out.accepted = sorted(client_ids)
+        out.served = {c: served[c] for c in out.accepted}
         return out
 
     def client_call(self, fn, client_ids: list[int], *args) -> dict[int, Any]:
         import ray
 
         active = self._active()
-        if not active and self.inline is not None:
+        if not self._groups_served(active) and self.inline is not None:
             return self.inline.client_call(fn, client_ids, *args)
-        if not active:
-            self._wait_for_any()
-            active = sorted(self.ready)
+        active = self._serve_all_groups(active)
         refs = [self.workers[w].client_call.remote(fn, ids, *args) for w, ids in self.groups(client_ids, active).items()]
         out: dict[int, Any] = {}
         for part in ray.get(refs):

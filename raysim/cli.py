@@ -92,9 +92,12 @@ def _pretrain(cfg) -> int:
 def _load_engine(cfg, source: str):
     """Check `algorithm.options` and import the engine: this imports torch, transformers and
     the algorithm (seconds), so in Ray mode it runs while Ray starts."""
+    from raysim import algorithms, groups
     from raysim.config import algorithm_options
 
     algorithm_options(cfg, source)
+    if cfg.runtime.worker_groups:  # a family the algorithm does not have: fail before the run starts
+        groups.resolve(cfg, algorithms.load(cfg.algorithm.name)(cfg), source)
     from raysim.engine import Engine
 
     return Engine

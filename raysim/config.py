@@ -115,6 +115,22 @@ class AlgorithmConfig(_Strict):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+class WorkerGroup(_Strict):
+    """A set of ClientWorker actors with their own resources, serving the clients of the
+    listed families (the algorithm's `client_families()`, e.g. CreamFL's image, text and
+    image_text clients). The runtime keys num_workers / num_cpus_per_worker /
+    num_gpus_per_worker / resources_per_worker form the group "default", which serves every
+    family no group lists (it is not started when every family has a group)."""
+
+    # A DNS label: it names the Kubernetes worker group as well.
+    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]{0,30}[a-z0-9])?$")
+    families: list[str] = Field(min_length=1, description="client families this group serves")
+    num_workers: int = Field(1, ge=1, description="pooled placement: actors in this group")
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0, description="per actor; fractions share a GPU")
+    resources: dict[str, NonNegativeFloat] = Field(default_factory=dict, description="custom Ray resources per actor")
+
+
 class RuntimeConfig(_Strict):
     num_workers: int = Field(2, ge=0, description="0 = local mode: one process, no Ray")
     placement: Literal["pooled", "dedicated"] = "pooled"
@@ -135,6 +151,9 @@ class RuntimeConfig(_Strict):
     resources_per_worker: dict[str, NonNegativeFloat] = Field(default_factory=dict)
     # dedicated: the client actors' bundles go in one placement group with this strategy.
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # Worker groups per client family (model family); a client only ever runs on a worker of
+    # its family's group. Local mode (num_workers 0) runs every family in its one process.
+    worker_groups: list[WorkerGroup] = Field(default_factory=list)
     torch_threads: int = Field(1, ge=1, description="torch threads inside each worker")
     ray_address: Optional[str] = None  # None: start an embedded local Ray
     # process: the round loop runs in the process that started Ray (the `raysim run`
@@ -148,6 +167,32 @@ class RuntimeConfig(_Strict):
     # starts with those that are ready (an autoscaler may take minutes to add their nodes).
     start_wait_s: float = Field(60.0, ge=0)
     device: Literal["cpu", "cuda", "auto"] = "cpu"
+
+    @model_validator(mode="after")
+    def _check_groups(self) -> "RuntimeConfig":
+        problems, owner = [], {}
+        names = [g.name for g in self.worker_groups]
+        for i, g in enumerate(self.worker_groups):
+            if g.name == DEFAULT_GROUP:
+                problems.append(
+                    f"runtime.worker_groups[{i}].name: '{DEFAULT_GROUP}' is the group of runtime.num_workers and "
+                    "*_per_worker; choose another name"
+                )
+            elif names.count(g.name) > 1 and names.index(g.name) == i:
+                problems.append(f"runtime.worker_groups: the name '{g.name}' is used by {names.count(g.name)} groups")
+            for f in g.families:
+                if f in owner:
+                    problems.append(
+                        f"runtime.worker_groups[{i}].families: family '{f}' is already served by group '{owner[f]}'; "
+                        "a family belongs to one group"
+                    )
+                owner.setdefault(f, g.name)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+DEFAULT_GROUP = "default"  # the group of runtime.num_workers, and the family of every client by default
 
 
 class RobustConfig(_Strict):

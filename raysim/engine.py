@@ -13,11 +13,12 @@ from pathlib import Path
 
 import yaml
 
-from actors.pool import LocalPool, RayPool
+from actors.pool import LocalPool, RayPool, WorkerGroup
 from actors.worker import ClientWorker, peak_rss_mb
 from raysim import algorithms
 from raysim.checkpoint import load_latest, save_checkpoint
 from raysim.config import ConfigError, ExperimentConfig, config_from_dict, save_config
+from raysim import groups as worker_groups
 from raysim.guard import Guarded, client_public_key, reveal_for_dropped
 from raysim.screening import Quarantine, reject_kind
 from raysim.seeding import derive_seed, sample_clients
@@ -123,10 +124,12 @@ class Engine:
         `resume`: True, False, or "auto" (resume if `run_dir` holds a run)."""
         self.t_start = time.perf_counter()
         self.cfg = cfg = config_from_dict(cfg_dict)
+        self.algorithm = algorithms.load(cfg.algorithm.name)(cfg)
+        # Which worker group serves which client (a bad family fails before anything is written).
+        self.groups, client_group = worker_groups.resolve(cfg, self.algorithm)
         self.run = RunDir(run_dir, staging)
         resume = self.run.prepare(cfg, resume)
         self.sync_s = 0.0
-        self.algorithm = algorithms.load(cfg.algorithm.name)(cfg)
         if hasattr(self.algorithm, "client_reference"):  # screening, robust rules, DP, SecAgg
             self.algorithm = Guarded(self.algorithm, cfg)
         self.guard = self.algorithm if isinstance(self.algorithm, Guarded) else None
@@ -163,19 +166,17 @@ class Engine:
                 seed_fn,
                 state_root,
                 num_clients=cfg.clients.total,
-                num_workers=rt.num_workers,
+                groups=[WorkerGroup(g.name, g.num_workers, g.num_cpus, g.num_gpus, g.resources) for g in self.groups],
                 placement=rt.placement,
                 assignment=rt.assignment,
-                num_cpus=rt.num_cpus_per_worker,
-                num_gpus=rt.num_gpus_per_worker,
                 torch_threads=rt.torch_threads,
                 state_memory_bytes=budget,
                 max_restarts=rt.max_worker_restarts,
                 keep_versions=cfg.checkpoint.every + 1,
                 inline=inline,
                 start_wait_s=rt.start_wait_s,
-                resources=rt.resources_per_worker,
                 placement_strategy=rt.placement_strategy,
+                client_group=client_group,
             )
         # Actor creation above returns at once; build the driver's state while the workers
         # start and load their models, then wait for them.
@@ -281,6 +282,11 @@ class Engine:
         checkpoint_s = time.perf_counter() - t_ckpt
         if rt.num_workers:
             record["workers"] = out.workers  # remote workers that served the round (0: the driver)
+            # worker label ("<group>-<k>", "driver" for the driver's process) -> its clients
+            served_by: dict[str, list[int]] = {}
+            for c, w in sorted(out.served.items()):
+                served_by.setdefault("driver" if w < 0 else self.pool.labels[w], []).append(c)
+            record["served_by"] = dict(sorted(served_by.items()))
         record.update(
             requeued=out.requeued,
             worker_failures=out.worker_failures,

@@ -18,6 +18,7 @@ requests and limits."""
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 import shlex
@@ -56,10 +57,14 @@ def add_commands(subparsers) -> None:
     render_p.add_argument("config", help="experiment YAML, e.g. configs/quickstart.yaml")
     render_p.add_argument("overrides", nargs="*", help="key.sub=value overrides, baked into the ConfigMap")
     render_p.add_argument("--image", required=True, help="image with raysim installed, e.g. REGISTRY/raysim:0.1.0-ray2.60.0")
-    render_p.add_argument("--workers", type=int, help="ClientWorker actors (default: the config's runtime.num_workers)")
     render_p.add_argument(
-        "--gpus-per-worker", type=float, help="GPUs per worker actor, fractions allowed (default: the config's)"
+        "--workers", type=int, help="ClientWorker actors of the default group (default: the config's runtime.num_workers)"
     )
+    render_p.add_argument(
+        "--gpus-per-worker", type=float,
+        help="GPUs per actor of the default group, fractions allowed (default: the config's); runtime.worker_groups "
+        "bring their own",
+    )  # fmt: skip
     render_p.add_argument("--memory-per-worker", type=float, default=8.0, help="GiB of memory per worker actor (default 8)")
     render_p.add_argument("--pvc", default=DEFAULT_PVC, help=f"ReadWriteMany claim for runs and caches (default {DEFAULT_PVC})")
     render_p.add_argument("--backoff-limit", type=int, default=3, help="RayJob retries; each resumes the run (default 3)")
@@ -163,11 +168,12 @@ def _experiment(config_path: str, overrides: list[str], workers: int | None, gpu
         raise RenderError(f"--gpus-per-worker must be >= 0 (got {gpus})")
     # Join the job's cluster (RAY_ADDRESS); 'auto' device: CUDA on GPU workers, CPU on the
     # GPU-less head where the driver may evaluate.
+    any_gpu = gpus > 0 or any(g.num_gpus > 0 for g in rt.worker_groups)
     everything = [
         *overrides,
         f"runtime.num_workers={workers}",
         f"runtime.num_gpus_per_worker={gpus:g}",
-        f"runtime.device={'auto' if gpus > 0 else 'cpu'}",
+        f"runtime.device={'auto' if any_gpu else 'cpu'}",
         "runtime.ray_address=auto",
     ]
     raw = apply_overrides(yaml.safe_load(Path(config_path).read_text()) or {}, everything)
@@ -268,7 +274,16 @@ def _head_group(image: str, pvc: str, config_map: str, env_secret: str | None = 
     }
 
 
-def _worker_group(image: str, pvc: str, lay: Layout, env_secret: str | None = None) -> dict:
+def ray_resources_param(per_pod: dict[str, float]) -> str:
+    """rayStartParams.resources in the form KubeRay passes to `ray start` and Ray's
+    autoscaler parses: a JSON object with escaped quotes, in quotes, integer amounts."""
+    return '"' + json.dumps(per_pod, sort_keys=True).replace('"', '\\"') + '"'
+
+
+def _worker_group(
+    image: str, pvc: str, lay: Layout, env_secret: str | None = None, name: str | None = None,
+    resources_per_actor: dict[str, float] | None = None,
+) -> dict:  # fmt: skip
     volumes, mounts = _volumes(pvc, lay.memory_per_pod_gib)
     resources = _resources(lay.ray_cpus_per_pod + POD_EXTRA_CPUS, lay.memory_per_pod_gib, lay.gpus_per_pod)
     spec = {
@@ -279,19 +294,26 @@ def _worker_group(image: str, pvc: str, lay: Layout, env_secret: str | None = No
     if lay.gpus_per_pod:
         # GPU node pools are commonly tainted so that only GPU pods land there.
         spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    # Ray schedules on exactly the actors' CPUs; the container keeps the headroom.
+    start_params = {"num-cpus": str(lay.ray_cpus_per_pod)}
+    if resources_per_actor:
+        # Custom resources the group's actors ask for, for all actors of a pod (whole units:
+        # Ray's autoscaler reads integers), so they land on this group's pods only.
+        per_pod = {k: math.ceil(v * lay.actors_per_pod - 1e-9) for k, v in sorted(resources_per_actor.items()) if v}
+        if per_pod:
+            start_params["resources"] = ray_resources_param(per_pod)
+    labels = {"app.kubernetes.io/name": "raysim", "app.kubernetes.io/component": "worker"}
+    if name is not None:
+        labels["raysim/worker-group"] = name
     return {
-        "groupName": "gpu-workers" if lay.gpus_per_pod else "cpu-workers",
-        # A fixed size: the job's actor pool is sized by runtime.num_workers. KubeRay
-        # recreates a lost pod; the pool re-queues that pod's clients meanwhile.
+        "groupName": f"{name}-workers" if name else "gpu-workers" if lay.gpus_per_pod else "cpu-workers",
+        # A fixed size: the job's actor pool is sized by runtime.num_workers (per worker
+        # group). KubeRay recreates a lost pod; the pool re-queues that pod's clients meanwhile.
         "replicas": lay.pods,
         "minReplicas": lay.pods,
         "maxReplicas": lay.pods,
-        # Ray schedules on exactly the actors' CPUs; the container keeps the headroom.
-        "rayStartParams": {"num-cpus": str(lay.ray_cpus_per_pod)},
-        "template": {
-            "metadata": {"labels": {"app.kubernetes.io/name": "raysim", "app.kubernetes.io/component": "worker"}},
-            "spec": spec,
-        },
+        "rayStartParams": start_params,
+        "template": {"metadata": {"labels": labels}, "spec": spec},
     }
 
 
@@ -319,11 +341,26 @@ def _submitter(image: str) -> dict:
 
 def manifests(
     cfg, config_text: str, image: str, memory_per_worker_gib: float, pvc: str, backoff_limit: int,
-    run_root: str = DEFAULT_RUN_ROOT, env_secret: str | None = None,
-) -> tuple[dict, dict, Layout]:  # fmt: skip
+    run_root: str = DEFAULT_RUN_ROOT, env_secret: str | None = None, source: str = "<config>",
+) -> tuple[dict, dict, list[tuple[str, Layout]]]:  # fmt: skip
+    """(ConfigMap, RayJob, (worker group name, layout) per worker group)."""
+    from raysim import algorithms, groups
+
     rt = cfg.runtime
-    actors = cfg.clients.total if rt.placement == "dedicated" else rt.num_workers
-    lay = layout(actors, rt.num_gpus_per_worker, rt.num_cpus_per_worker, memory_per_worker_gib)
+    resolved, _ = groups.resolve(cfg, algorithms.load(cfg.algorithm.name)(cfg), source)
+    specs, layouts = [], []
+    for g in resolved:
+        actors = g.clients if rt.placement == "dedicated" else g.num_workers
+        lay = layout(actors, g.num_gpus, g.num_cpus, memory_per_worker_gib)
+        # The default group keeps its cpu-workers / gpu-workers name: manifests of configs
+        # without worker groups do not change.
+        named = g.name if rt.worker_groups else None
+        spec = _worker_group(image, pvc, lay, env_secret, named, g.resources)
+        specs.append(spec)
+        layouts.append((spec["groupName"], lay))
+    group_names = [n for n, _ in layouts]
+    if len(set(group_names)) != len(group_names):
+        raise RenderError(f"worker group names must give distinct Kubernetes groups, got {group_names}")
     name = _dns_name(cfg.name)
     labels = {"app.kubernetes.io/name": "raysim", "raysim/experiment": name}
     config_map = {
@@ -347,11 +384,11 @@ def manifests(
                 "rayVersion": ray_version(),
                 "enableInTreeAutoscaling": False,
                 "headGroupSpec": _head_group(image, pvc, f"{name}-config", env_secret),
-                "workerGroupSpecs": [_worker_group(image, pvc, lay, env_secret)],
+                "workerGroupSpecs": specs,
             },
         },
     }
-    return config_map, rayjob, lay
+    return config_map, rayjob, layouts
 
 
 class _Dumper(yaml.SafeDumper):
@@ -393,14 +430,18 @@ def render(
         raise RenderError(f"--env-secret {env_secret!r} is not a Kubernetes Secret name (lowercase letters, digits, '-', '.')")
     cfg, raw, applied = _experiment(config_path, list(overrides), workers, gpus_per_worker)
     config_text = f"# {config_path} with {' '.join(applied)}\n" + yaml.safe_dump(raw, sort_keys=False)
-    config_map, rayjob, lay = manifests(
-        cfg, config_text, image, memory_per_worker_gib, pvc, backoff_limit, run_root, env_secret
+    config_map, rayjob, layouts = manifests(
+        cfg, config_text, image, memory_per_worker_gib, pvc, backoff_limit, run_root, env_secret, config_path
     )
     header = (
         f"# Rendered by `raysim k8s render` from {config_path} for Ray {ray_version()}; re-render rather than edit.\n"
-        f"# {lay.actors} worker actors on {lay.pods} pod(s) of {lay.actors_per_pod} actor(s), "
-        f"{lay.gpus_per_pod} GPU(s), {lay.ray_cpus_per_pod + POD_EXTRA_CPUS} CPUs, {lay.memory_per_pod_gib}Gi each.\n"
-        f"# Needs the ReadWriteMany PersistentVolumeClaim {pvc!r}; stop with `kubectl delete rayjob {rayjob['metadata']['name']}`.\n"
+        + "".join(
+            f"# {'' if len(layouts) == 1 else group + ': '}{lay.actors} worker actors on {lay.pods} pod(s) of "
+            f"{lay.actors_per_pod} actor(s), {lay.gpus_per_pod} GPU(s), {lay.ray_cpus_per_pod + POD_EXTRA_CPUS} CPUs, "
+            f"{lay.memory_per_pod_gib}Gi each.\n"
+            for group, lay in layouts
+        )
+        + f"# Needs the ReadWriteMany PersistentVolumeClaim {pvc!r}; stop with `kubectl delete rayjob {rayjob['metadata']['name']}`.\n"
         f"# Run directory {run_root.rstrip('/')}/{rayjob['metadata']['name']}: a retry resumes it (--auto-resume)"
         + (f"; environment from Secret {env_secret!r}.\n" if env_secret else ".\n")
     )

@@ -42,6 +42,14 @@ RENDER_VARIANTS = {
              "--gpus-per-worker", "2"],
     "s3": ["configs/quickstart.yaml", "--image", IMAGE, "--workers", "2", "--gpus-per-worker", "1",
            "--run-root", "s3://bucket/raysim/runs/", "--env-secret", "raysim-s3"],
+    # worker groups per client family: shared GPUs with a custom resource, and a CPU group
+    "groups": ["configs/creamfl.yaml", "runtime.worker_groups=[{name: vision, families: [image], num_workers: 4, "
+               "num_gpus: 0.5, resources: {a100: 1}}, {name: text, families: [text, image_text], num_workers: 2, "
+               "num_cpus: 2}]", "--image", IMAGE],
+    # one named group; the default group (with a custom resource) serves the other families
+    "groups-default": ["configs/creamfl.yaml", "runtime.resources_per_worker={cpu_pool: 0.5}",
+                       "runtime.worker_groups=[{name: vision, families: [image], num_gpus: 1}]", "--image", IMAGE,
+                       "--workers", "3"],
 }  # fmt: skip
 
 
@@ -331,6 +339,55 @@ def test_gpu_workers_get_gpu_limits_and_the_pool_fits_the_pods():
     assert "nvidia.com/gpu" not in yaml.safe_dump(job)
     assert cfg["runtime"]["device"] == "cpu"
     assert job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["groupName"] == "cpu-workers"
+
+
+def test_worker_groups_render_one_group_spec_each_with_gpus_and_custom_resources():
+    from ray.autoscaler._private.kuberay.autoscaling_config import _get_ray_resources_from_group_spec
+
+    cfg, job = _rayjob(RENDER_VARIANTS["groups"])
+    vision, text = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]  # every family has a group: no default group
+    assert (vision["groupName"], text["groupName"]) == ("vision-workers", "text-workers")
+    # 4 actors at 0.5 GPU: 2 per 1-GPU pod; the pod advertises the custom resource of both actors
+    assert vision["replicas"] == vision["minReplicas"] == vision["maxReplicas"] == 2
+    limits = vision["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == "1" and limits["cpu"] == "3"
+    assert vision["rayStartParams"] == {"num-cpus": "2", "resources": '"{\\"a100\\": 2}"'}
+    assert vision["template"]["metadata"]["labels"]["raysim/worker-group"] == "vision"
+    # 2 CPU-only actors of 2 CPUs: one per pod, no GPU, no custom resource
+    assert text["replicas"] == 2 and text["rayStartParams"] == {"num-cpus": "2"}
+    assert "nvidia.com/gpu" not in str(text) and "tolerations" not in text["template"]["spec"]
+    # what Ray's autoscaler reads from each group: the resources the actors ask for
+    got = _get_ray_resources_from_group_spec(vision, is_head=False)
+    assert {k: got[k] for k in ("CPU", "GPU", "a100")} == {"CPU": 2, "GPU": 1, "a100": 2}
+    got = _get_ray_resources_from_group_spec(text, is_head=False)
+    assert got["CPU"] == 2 and got.get("GPU", 0) == 0
+    assert cfg["runtime"]["device"] == "auto" and cfg["runtime"]["worker_groups"][0]["num_gpus"] == 0.5
+
+    cfg, job = _rayjob(RENDER_VARIANTS["groups-default"])
+    vision, default = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert (vision["groupName"], default["groupName"]) == ("vision-workers", "default-workers")
+    assert vision["replicas"] == 1 and vision["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    # --workers sizes the default group; its custom resource (0.5 per actor) rounds up per pod
+    assert default["replicas"] == 3 and default["rayStartParams"] == {"num-cpus": "1", "resources": '"{\\"cpu_pool\\": 1}"'}
+    assert _get_ray_resources_from_group_spec(default, is_head=False)["cpu_pool"] == 1
+
+
+def test_dedicated_worker_groups_get_one_actor_per_client_of_their_families():
+    args = ["configs/creamfl.yaml", "runtime.placement=dedicated",
+            "runtime.worker_groups=[{name: vision, families: [image], num_gpus: 1}]", "--image", IMAGE]  # fmt: skip
+    _, job = _rayjob(args)
+    vision, default = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    # creamfl.yaml: 20 clients, kinds 0.35 / 0.35 / 0.3 -> 7 image-only, 13 others
+    assert vision["replicas"] == 7 and default["replicas"] == 13
+    assert "# vision-workers: 7 worker actors on 7 pod(s)" in render(args)
+
+
+def test_a_worker_group_with_an_unknown_family_is_a_render_error(capsys):
+    bad = "runtime.worker_groups=[{name: vision, families: [picture]}]"
+    assert k8s.main(["k8s", "render", "configs/creamfl.yaml", bad, "--image", IMAGE]) == 2
+    err = capsys.readouterr().err
+    assert "runtime.worker_groups[0].families: 'picture' is not a client family of algorithm creamfl" in err
+    assert "configs/creamfl.yaml" in err and "Traceback" not in err
 
 
 def test_pods_run_as_non_root_with_requests_and_limits(documents):

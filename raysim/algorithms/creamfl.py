@@ -449,6 +449,13 @@ class CreamFL:
             state.setdefault(g, {})[k] = t
         return state
 
+    # --- worker groups (raysim/groups.py): the client kinds, each with its own architectures
+    def client_families(self) -> list[str]:
+        return list(KINDS)
+
+    def client_family(self, client_id: int) -> str:
+        return self.kind_of_client[client_id]
+
     # --- worker side ----------------------------------------------------------------
     def build_resident(self) -> Resident:
         return Resident(self.data, self.public)

@@ -458,6 +458,13 @@ class FedRecon:
     def load_state_tensors(self, tensors: Tensors) -> Groups:
         return unflatten(tensors)
 
+    # --- worker groups (raysim/groups.py): which modalities a client holds
+    def client_families(self) -> list[str]:
+        return list(KINDS)
+
+    def client_family(self, client_id: int) -> str:
+        return self.kinds[client_id]
+
     # --- worker side ----------------------------------------------------------------
     def build_resident(self) -> Resident:
         o, c = self.opts, self.cfg

@@ -290,6 +290,13 @@ class MFed:
     def load_state_tensors(self, tensors: Tensors) -> Groups:
         return unflatten(tensors)
 
+    # --- worker groups (raysim/groups.py): a client's task: its decoder differs
+    def client_families(self) -> list[str]:
+        return list(mt.TASKS)
+
+    def client_family(self, client_id: int) -> str:
+        return self.task_of_client[client_id]
+
     # --- worker side ----------------------------------------------------------------
     def build_resident(self) -> Resident:
         return _build_resident(self.cfg, self.opts, self.data.test)
