@@ -70,6 +70,26 @@ def test_pretrain_cache_is_reused():
     assert again == first and logs == []  # no second training for an unchanged config
 
 
+def test_base_does_not_depend_on_the_callers_thread_count():
+    # Unpinned, these two bases differ (float sums depend on the thread count); the cache is
+    # keyed by the config alone, so train_base trains with one thread whatever the caller set.
+    from raysim.data import FederatedData
+    from raysim.pretrain import train_base
+
+    cfg = tiny_cfg()
+    data = FederatedData(cfg.data, cfg.clients.total, cfg.model.max_text_len, cfg.seed)
+    before = torch.get_num_threads()
+    states = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            states.append(train_base(cfg, data, log=lambda *a: None).state_dict())
+            assert torch.get_num_threads() == threads  # the caller's setting comes back
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
 # --- the contract ----------------------------------------------------------------------
 
 def step(alg, resident, client_id, msg, state):
