@@ -23,6 +23,7 @@ tower and projections are first aligned to it centrally on the pre-training spli
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -95,6 +96,11 @@ class Options(_Strict):
     zero_stage: Literal[2, 3] = 2
     offload: Literal["none", "optimizer", "optimizer_and_params"] = "none"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype of forward passes
+    # deepspeed: ranks per client. Above 1 a client's local training runs in that many Ray
+    # actors (one placement group on one node), each with these resources.
+    world_size: int = Field(1, ge=1)
+    rank_num_cpus: float = Field(1.0, gt=0)
+    rank_num_gpus: int = Field(0, ge=0, description="GPUs per rank; > 0: nccl, else gloo on CPU")
     gradient_checkpointing: bool = False
     # Data quality: scores from the frozen current global model.
     quality: Literal["none", "filter", "weight"] = "none"
@@ -113,6 +119,8 @@ class Options(_Strict):
             raise ValueError("offload 'optimizer_and_params' needs zero_stage 3 (ZeRO-2 does not partition weights)")
         if self.backend == "deepspeed" and self.precision == "fp16":
             raise ValueError("backend deepspeed runs fp32 master weights with autocast; use precision bf16, not fp16")
+        if self.world_size > 1 and self.backend != "deepspeed":
+            raise ValueError("world_size > 1 (a client spread over several ranks) needs backend 'deepspeed'")
         return self
 
 
@@ -325,7 +333,11 @@ class DeepSpeedTrainer:
     """One DeepSpeed engine per worker, built on first use and reused by every client the
     worker serves: each client loads its start adapter into the (gathered) parameters,
     DeepSpeed's fp32 master copy is refreshed from them and the AdamW moments start
-    fresh, so a step is the torch backend's step with train.keep_optimizer_state off."""
+    fresh, or, with train.keep_optimizer_state, from the client's own moments of its last
+    training. ZeRO's AdamW runs over flat fp32 partitions (one per parameter group and
+    rank), so those moments are flat too: elementwise the same numbers as the torch
+    backend's per-tensor moments, in a layout fixed by the model, ZeRO stage and world
+    size, which cannot change within a run (--resume keeps algorithm options)."""
 
     def __init__(self, model, name: str, opts: Options, device: torch.device, lr: float, weight_decay: float,
                  batch_size: int):
@@ -361,7 +373,13 @@ class DeepSpeedTrainer:
         with self._gathered(modify=True):
             load_adapter_state(self.engine.module, self.name, adapter)
         self.zero_opt.refresh_fp32_params()
-        self._inner_optimizer.state.clear()  # fresh moments (see FedLarge.__init__)
+        opt = self._inner_optimizer
+        opt.state.clear()  # fresh moments, or this client's own (train.keep_optimizer_state)
+        for i, flat in enumerate(self._partitions() if moments else []):
+            opt.state[flat] = {name: (v.clone() if name == "step" else v.to(flat.device, flat.dtype, copy=True))
+                               for name, v in ((k.rsplit(".", 1)[1], v) for k, v in moments.items()
+                                               if k.startswith(f"optim.{i}."))}
+
     def step(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
         self.engine.step()
@@ -369,7 +387,16 @@ class DeepSpeedTrainer:
     def finish(self) -> tuple[Tensors, Tensors]:
         with self._gathered(modify=False):
             adapter = adapter_state(self.engine.module, self.name)
-        return adapter, {}
+        state = self._inner_optimizer.state
+        moments = {f"optim.{i}.{name}": torch.as_tensor(v).detach().to("cpu", copy=True)
+                   for i, flat in enumerate(self._partitions()) for name, v in state.get(flat, {}).items()}
+        return adapter, moments
+
+    def _partitions(self) -> list[torch.Tensor]:
+        """This rank's flat fp32 partitions, one per parameter group: the tensors ZeRO's
+        AdamW keys its state by (ZeRO-3 hands them to the optimizer only inside step)."""
+        z = self.zero_opt
+        return list(z.fp32_partitioned_groups_flat if self.stage3 else z.single_partition_of_fp32_groups)
 
     def train(self, mode: bool) -> None:
         self.engine.train(mode)
@@ -392,6 +419,131 @@ def weighted_clip_loss(logits_per_image: torch.Tensor, weights: torch.Tensor) ->
 def _batch(data: PairData, rows, device) -> dict[str, torch.Tensor]:
     return {"pixel_values": data.images[rows].to(device), "input_ids": data.input_ids[rows].to(device),
             "attention_mask": data.attention_mask[rows].to(device)}
+
+
+def train_batches(trainer, data: PairData, weights: torch.Tensor, seed: int, train, device: torch.device,
+                  precision: str, rank: int = 0, world_size: int = 1, logit_scale=None) -> list[float]:
+    """A client's local epochs; the batches are drawn from the seed. With world_size > 1
+    this is one rank of the client's group: every rank draws the same batches, forwards
+    its contiguous share of each (shard_rows) and computes the whole batch's loss from the
+    gathered embeddings (group_logits), so the group takes the one-process step."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # dropout masks: the same in either backend (with one rank)
+    trainer.train(True)
+    losses = []
+    for _ in range(train.local_epochs):
+        for b in torch.randperm(len(data), generator=gen).split(train.batch_size):
+            if len(b) < 2:  # a contrastive loss needs at least one negative
+                continue
+            rows = b if world_size == 1 else shard_rows(b, rank, world_size)
+            with autocast(device, precision):
+                out = trainer.forward(**_batch(data, rows, device))
+            if world_size == 1:
+                logits = out.logits_per_image.float()
+            else:
+                logits = group_logits(out, len(b), logit_scale, check=precision == "fp32")
+            loss = weighted_clip_loss(logits, weights[b].to(device))
+            trainer.step(loss)
+            losses.append(loss.item())
+    trainer.train(False)
+    return losses
+
+
+# --- a client over several ranks (algorithm.options.world_size > 1) ----------------------
+
+def shard_rows(batch: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """This rank's rows of a batch: contiguous chunks of ceil(n / N) rows, the last
+    chunk(s) padded with the batch's last row, so every rank forwards the same number of
+    rows (all_gather needs equal sizes) and the gathered rows [:n] are the batch in order.
+    The padding rows' embeddings are dropped before the loss: they get no gradient."""
+    chunk = -(-len(batch) // world_size)
+    padded = torch.cat([batch, batch[-1:].expand(chunk * world_size - len(batch))])
+    return padded[rank * chunk:(rank + 1) * chunk]
+
+
+class _GatherRows(torch.autograd.Function):
+    """all_gather along rows with a gradient: every rank computes the same loss from the
+    gathered rows, so the gradient of its own rows is the sum over ranks of the gathered
+    gradient's slice (an all_reduce; gloo has no reduce_scatter). DeepSpeed then averages
+    the parameter gradients over the N ranks: sum over ranks of N x (1/N) x each rank's
+    part = the one-process gradient of the whole batch."""
+
+    @staticmethod
+    def forward(ctx, x):
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rank, ctx.rows = dist.get_rank(), len(x)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def group_logits(out, n: int, logit_scale: tuple[torch.Tensor, Optional[torch.Tensor]], check: bool = False):
+    """Logits of the whole batch (n rows) from this rank's model output: the gathered,
+    normalised image and text embeddings with the model's own formula,
+    logits_per_text = text @ image.T * exp(logit_scale) (+ logit_bias: SigLIP). With
+    `check`, this rank's block must equal the logits the model computed itself."""
+    img = _GatherRows.apply(out.image_embeds.float())
+    txt = _GatherRows.apply(out.text_embeds.float())
+    scale, bias = logit_scale
+    per_text = txt @ img.T * scale.to(txt.device)
+    if bias is not None:
+        per_text = per_text + bias.to(txt.device)
+    if check:
+        import torch.distributed as dist
+
+        k = len(out.image_embeds)
+        r = dist.get_rank() * k
+        own = out.logits_per_image.float()
+        if not torch.allclose(per_text.T[r:r + k, r:r + k], own, rtol=1e-4, atol=1e-4 * float(scale.max())):
+            raise RuntimeError("algorithm.options.world_size > 1 needs a dual encoder whose logits are "
+                               "text_embeds @ image_embeds.T * exp(logit_scale) (+ logit_bias); this model's differ")
+    return per_text[:n, :n].T
+
+
+def frozen_logit_scale(model) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """exp(logit_scale) and logit_bias of the base, read before DeepSpeed partitions them
+    (ZeRO-3). LoRA leaves them frozen, so they are constants of the run."""
+    base = model.get_base_model()
+    scale, bias = base.logit_scale, getattr(base, "logit_bias", None)
+    for p in (scale, bias):
+        if isinstance(p, torch.nn.Parameter) and p.requires_grad:
+            raise ValueError("algorithm.options.world_size > 1 needs logit_scale/logit_bias frozen")
+    return scale.detach().exp().clone(), None if bias is None else bias.detach().clone()
+
+
+class GroupRank:
+    """One rank of a client's group, inside a Ray actor (actors/rank_group.py): its own
+    copy of the base with the adapter and a DeepSpeed engine over the group's world. The
+    coordinator (the client's worker) sends each client's start adapter, kept rows and
+    their weights; every rank trains on its share; rank 0 returns the adapter."""
+
+    def __init__(self, algo: "FedLarge", rank: int, world_size: int):
+        self.algo, self.rank, self.world_size = algo, rank, world_size
+        device = "cuda" if algo.opts.rank_num_gpus else "cpu"
+        self.res = algo.build_resident(device)
+        self.logit_scale = frozen_logit_scale(self.res.model)
+        self.trainer = algo._trainer(self.res)  # DeepSpeed over the group torch.distributed already joined
+
+    def train_client(self, adapter: Tensors, client_id: int, rows: torch.Tensor, weights: torch.Tensor, seed: int,
+                     moments: Tensors | None):
+        t, o = self.algo.cfg.train, self.algo.opts
+        prefix = f"rank{self.rank}."  # the coordinator keeps every rank's optimizer partition
+        mine = {k[len(prefix):]: v for k, v in (moments or {}).items() if k.startswith(prefix)}
+        self.trainer.start(adapter, t.lr, t.weight_decay, mine or None)
+        data = self.res.data.client(client_id).subset(rows)
+        losses = train_batches(self.trainer, data, weights, seed, t, self.res.device, o.precision,
+                               self.rank, self.world_size, self.logit_scale)
+        tensors, moments = self.trainer.finish()
+        return (tensors if self.rank == 0 else None), moments, losses
 
 
 # --- data quality --------------------------------------------------------------------
@@ -479,6 +631,7 @@ class Resident:
     data: FederatedData
     device: torch.device
     trainer: Any = None  # TorchTrainer or DeepSpeedTrainer, built on first use
+    group: Any = None  # world_size > 1: the RankGroup that trains this worker's clients
 
 
 class FedLarge:
@@ -487,10 +640,6 @@ class FedLarge:
             raise ValueError("fedlarge uses one LoRA rank for all clients; drop lora.client_ranks")
         self.cfg = cfg
         self.opts: Options = algorithm_options(cfg)
-        if self.opts.backend == "deepspeed" and cfg.train.keep_optimizer_state:
-            # ZeRO keeps the moments of its flat fp32 partitions, which do not map back onto
-            # one client's adapter tensors; each local training starts from fresh moments.
-            raise ValueError("algorithm.options.backend 'deepspeed' needs train.keep_optimizer_state=false")
         self.name = vlm_lora.adapter_name(cfg.lora.r)
         self._pending_contribution: dict[int, float] | None = None
 
@@ -516,7 +665,7 @@ class FedLarge:
             return minilm_base_dir(self.cfg, self.opts, self.data)
         return pretrained_base_dir(self.cfg, self.data)
 
-    def build_resident(self) -> Resident:
+    def build_resident(self, device: str | None = None) -> Resident:
         base = load_vlm(self.base_dir)
         for p in base.parameters():
             p.requires_grad_(False)
@@ -526,7 +675,7 @@ class FedLarge:
         torch.manual_seed(self.cfg.seed)  # peft draws lora_A at random: make it the seed's
         model = add_lora(base, {self.name: lora_config(lc.r, lc.alpha, lc.dropout, lc.target_modules, lc.modules_to_save)})
         model.eval()
-        device = vlm_lora.resolve_device(self.cfg.runtime.device)
+        device = vlm_lora.resolve_device(device or self.cfg.runtime.device)
         return Resident(model.to(device), self.data, device)
 
     @cached_property
@@ -594,14 +743,29 @@ class FedLarge:
         (run_dir / "contribution.json").write_text(json.dumps(self.summary_extra(history).get("contribution", {}), indent=1))
 
     # --- worker side ---------------------------------------------------------------
-    def _trainer(self, res: Resident):
+    def _trainer(self, res: Resident, local: bool = False):
+        """The backend that trains here; `local`: a torch one for the coordinator of a rank
+        group, which only scores data quality with the global model."""
         if res.trainer is None:
-            t = self.cfg.train
-            if self.opts.backend == "deepspeed":
-                res.trainer = DeepSpeedTrainer(res.model, self.name, self.opts, res.device, t.lr, t.weight_decay, t.batch_size)
+            t, o = self.cfg.train, self.opts
+            if o.backend == "deepspeed" and not local:
+                micro = -(-t.batch_size // o.world_size)  # rows per rank (DeepSpeed's bookkeeping only)
+                res.trainer = DeepSpeedTrainer(res.model, self.name, o, res.device, t.lr, t.weight_decay, micro)
             else:
-                res.trainer = TorchTrainer(res.model, self.name, self.opts, res.device)
+                res.trainer = TorchTrainer(res.model, self.name, o, res.device)
         return res.trainer
+
+    def _group(self, res: Resident):
+        """The Ray actors that train this worker's clients together, started on first use
+        and kept for every client the worker serves (they go when the resident goes)."""
+        if res.group is None:
+            from actors.rank_group import RankGroup
+
+            o = self.opts
+            env = {k: os.environ[k] for k in ("TORCH_EXTENSIONS_DIR", "RAYSIM_CACHE") if k in os.environ}
+            res.group = RankGroup(functools.partial(GroupRank, self), o.world_size, o.rank_num_cpus, o.rank_num_gpus,
+                                  self.cfg.runtime.torch_threads, env)
+        return res.group
 
     def bytes_down(self, msg: Broadcast, client_id: int) -> int:
         return sum(t.numel() * t.element_size() for t in msg.tensors.values())
@@ -626,29 +790,22 @@ class FedLarge:
 
     def client_step(self, ctx: ClientContext, msg: Broadcast) -> ClientResult:
         res, t, o = ctx.resident, self.cfg.train, self.opts
-        trainer = self._trainer(res)
+        grouped = o.world_size > 1
+        trainer = self._trainer(res, local=grouped)
         moments = ctx.state.get("optimizer") if t.keep_optimizer_state else None
-        trainer.start(msg.tensors, t.lr, t.weight_decay, moments)
+        trainer.start(msg.tensors, t.lr, t.weight_decay, None if grouped else moments)
         data = res.data.client(ctx.client_id)
         n_local = len(data)
         weights = self._weights(ctx, trainer, data)
         rows = torch.nonzero(weights > 0).flatten()  # filtered pairs are not even loaded
         data, weights = data.subset(rows), weights[rows]
-        gen = torch.Generator().manual_seed(ctx.seed)
-        torch.manual_seed(ctx.seed)  # dropout masks: the same in either backend
-        trainer.train(True)
-        losses = []
-        for _ in range(t.local_epochs):
-            for b in torch.randperm(len(data), generator=gen).split(t.batch_size):
-                if len(b) < 2:  # a contrastive loss needs at least one negative
-                    continue
-                with autocast(res.device, o.precision):
-                    out = trainer.forward(**_batch(data, b, res.device))
-                loss = weighted_clip_loss(out.logits_per_image.float(), weights[b].to(res.device))
-                trainer.step(loss)
-                losses.append(loss.item())
-        trainer.train(False)
-        tensors, moments = trainer.finish()
+        if grouped:
+            results = self._group(res).call("train_client", msg.tensors, ctx.client_id, rows, weights, ctx.seed, moments)
+            tensors, _, losses = results[0]
+            moments = {f"rank{r}.{k}": v for r, (_, m, _) in enumerate(results) for k, v in m.items()}
+        else:
+            losses = train_batches(trainer, data, weights, ctx.seed, t, res.device, o.precision)
+            tensors, moments = trainer.finish()
         if t.keep_optimizer_state:
             ctx.state["optimizer"] = moments
         ctx.state["adapter"] = tensors
