@@ -97,9 +97,24 @@ class RankGroup:
 
     def call(self, method: str, *args: Any) -> list[Any]:
         """`obj.method(*args)` on every rank at once (the arguments go to the object store
-        once); the ranks' return values in rank order."""
+        once); the ranks' return values in rank order. If a rank fails, the others are
+        likely waiting for it inside a collective: the group is closed and the error
+        raised at once (the caller starts a new group if it wants one)."""
         refs = [ray.put(a) for a in args]
-        return ray.get([a.call.remote(method, *refs) for a in self.actors])
+        results = [a.call.remote(method, *refs) for a in self.actors]
+        pending = list(results)
+        try:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                ray.get(done)
+        except Exception:
+            self.close()
+            raise
+        return ray.get(results)
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
 
     def close(self) -> None:
         self._finalizer()

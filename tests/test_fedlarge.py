@@ -248,11 +248,29 @@ def test_group_loss_gradient_is_the_one_process_gradient(ray_cluster):
                 g /= self.world
             return grads
 
+        def fail(self):
+            import torch.distributed as dist
+
+            if self.rank == 1:
+                raise ValueError("rank 1 fails")
+            dist.all_reduce(torch.ones(1))  # waits for rank 1, which never comes
+
+    free = ray_cluster.available_resources().get("CPU", 0)
     group = RankGroup(Rank, 2, num_cpus=0.5)
     try:
         per_rank = group.call("grads", x, y, w_img, w_txt, weights, scale)
+        # A failing rank: the error comes back at once and the group is torn down (rank 0
+        # would otherwise wait in its all_reduce for gloo's 30-minute timeout).
+        t0 = time.time()
+        with pytest.raises(ValueError, match="rank 1 fails"):
+            group.call("fail")
+        assert group.closed and time.time() - t0 < 60
     finally:
         group.close()
+    deadline = time.time() + 10
+    while ray_cluster.available_resources().get("CPU", 0) < free and time.time() < deadline:
+        time.sleep(0.2)
+    assert ray_cluster.available_resources().get("CPU", 0) == pytest.approx(free)
     params = [w_img.clone().requires_grad_(), w_txt.clone().requires_grad_()]
     out = _toy_embeddings(*params, x, y, scale)
     fedlarge.weighted_clip_loss(out.logits_per_image, weights).backward()

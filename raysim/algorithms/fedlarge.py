@@ -757,8 +757,9 @@ class FedLarge:
 
     def _group(self, res: Resident):
         """The Ray actors that train this worker's clients together, started on first use
-        and kept for every client the worker serves (they go when the resident goes)."""
-        if res.group is None:
+        and kept for every client the worker serves (they go when the resident goes; a
+        group closed by a failed rank is replaced)."""
+        if res.group is None or res.group.closed:
             from actors.rank_group import RankGroup
 
             o = self.opts
