@@ -72,6 +72,18 @@ def render(r: dict) -> str:
             f"{_f(e['process_wall_s'], 1)} | {_f(e['peak_memory_mb'], 0)} | {e['adapter_norm']:.6f} |"
         )
     out.append("")
+    served = []
+    for key in ("a", "b100", "b1000", "c"):
+        runs = r.get(key, {}).get("runs", {}).get("raysim", [])
+        firsts = [min(x["rounds_served_by_workers"], default=None) for x in runs if "rounds_served_by_workers" in x]
+        if firsts:
+            served.append(f"({key}) " + ", ".join("never" if f is None else f"round {f}" for f in firsts))
+    if served:
+        out += [
+            "raysim's Ray workers served from (per run; earlier rounds ran in the driver while the workers "
+            "started, `runtime.warm_start`): " + "; ".join(served) + ".",
+            "",
+        ]
     if "assignment" in r:
         a = r["assignment"]
         med = a["steady_round_s_median"]
