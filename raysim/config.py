@@ -198,13 +198,18 @@ DEFAULT_GROUP = "default"  # the group of runtime.num_workers, and the family of
 class RobustConfig(_Strict):
     """Screening of client updates and the aggregation rule (see raysim/guard.py)."""
 
-    rule: Literal["mean", "median", "trimmed_mean", "norm_clip", "multi_krum", "geometric_median"] = "mean"
+    rule: Literal[
+        "mean", "median", "trimmed_mean", "norm_clip", "multi_krum", "geometric_median", "cosine_filter_clip"
+    ] = "mean"
     trim_fraction: float = Field(0.2, ge=0, lt=0.5)
     byzantine_fraction: float = Field(
         0.2, ge=0, lt=0.5, description="multi_krum: expected share of Byzantine clients; sets f unless num_byzantine"
     )
     num_byzantine: Optional[int] = Field(None, ge=0, description="multi_krum: assumed Byzantine updates per round (f)")
     clip_norm: float = Field(1.0, gt=0, description="norm_clip: each update is scaled to at most this norm")
+    cosine_threshold: float = Field(
+        0.0, ge=-1, lt=1, description="cosine_filter_clip: keep updates whose cosine similarity to the median of the others is above this"
+    )
     max_update_norm: Optional[float] = Field(None, gt=0, description="reject updates with a larger L2 norm")
     quarantine_strikes: int = Field(3, ge=1, description="rejections in a row before a client is quarantined")
     quarantine_rounds: int = Field(5, ge=0)

@@ -169,6 +169,7 @@ class Guarded:
                 max_norm=r.clip_norm,
                 num_byzantine=r.num_byzantine,
                 byzantine_fraction=r.byzantine_fraction,
+                cosine_threshold=r.cosine_threshold,
             )
         elif mode == "dp":
             from raysim.privacy import add_gaussian_noise

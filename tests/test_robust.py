@@ -12,8 +12,11 @@ from raysim.robust import (
     clip_by_norm,
     assumed_byzantine,
     coordinate_median,
+    cosine_filter_clip,
+    cosine_filter_select,
     geometric_median,
     krum_scores,
+    leave_one_out_medians,
     multi_krum,
     multi_krum_select,
     norm_clipped_mean,
@@ -135,6 +138,7 @@ def test_rules_do_not_mutate_inputs():
     norm_clipped_mean(ups, [1, 2, 3, 4, 5], 0.5)
     multi_krum(ups, [1, 2, 3, 4, 5], 1)
     geometric_median(ups, [1, 2, 3, 4, 5])
+    cosine_filter_clip(ups, [1, 2, 3, 4, 5])
     for u in ups:
         clip_by_norm(u, 0.1)
     assert all(_same(a, b) for a, b in zip(ups, before))
@@ -164,6 +168,8 @@ def test_byzantine_sign_flip_scaled():
     assert multi_krum_select(ups, f=2) == list(range(8))  # both attackers dropped
     assert (multi_krum(ups, [1.0] * 10, f=2)["w"] - 1).abs().max() < 0.2
     assert (geometric_median(ups, [1.0] * 10)["w"] - 1).abs().max() < 0.3
+    assert cosine_filter_select(ups) == list(range(8))  # both attackers dropped
+    assert (cosine_filter_clip(ups, [1.0] * 10)["w"] - 1).abs().max() < 0.2
 
 
 # --------------------------------------------------------------------------- bounded buffer
@@ -308,3 +314,83 @@ def test_geometric_median_hand_computed():
     assert g1["w"].tolist() == [1.0, 2.0] and g1["b"].tolist() == [[3.0]]
     with pytest.raises(ValueError):
         geometric_median(line, [1.0, -1.0, 1.0])
+
+
+# --------------------------------------------------------------------------- cosine filter + median-norm clip
+
+
+def test_leave_one_out_medians_match_brute_force():
+    g = torch.Generator().manual_seed(3)
+    for n in (2, 3, 4, 5, 10, 11):
+        # small integers: many ties
+        ups = [{"w": torch.randint(-3, 4, (7,), generator=g).float(), "b": torch.randn(3, generator=g)} for _ in range(n)]
+        loo = leave_one_out_medians(ups)
+        assert loo.shape == (n, 10) and loo.dtype == torch.float64
+        for i in range(n):
+            med = coordinate_median(ups[:i] + ups[i + 1 :])
+            assert torch.equal(loo[i].float(), torch.cat([med["w"], med["b"]]))
+    with pytest.raises(ValueError):
+        leave_one_out_medians([_u(1.0)])
+
+
+def test_cosine_filter_clip_hand_computed():
+    # (3,4) (4,3) honest, norm 5; (30,40) = 10 x (3,4); (-6,-8) = -2 x (3,4), sign-flipped.
+    # each is compared with the coordinate median of the OTHER three:
+    #   0: of (4,3) (30,40) (-6,-8) = (4,3): cos 24/25 = 0.96     1: (3,4): 0.96
+    #   2: of (3,4) (4,3) (-6,-8) = (3,3): cos 0.98995            3: (4,4): cos -0.98995
+    ups = [_u(3.0, 4.0), _u(4.0, 3.0), _u(30.0, 40.0), _u(-6.0, -8.0)]
+    assert cosine_filter_select(ups) == [0, 1, 2]
+    # norms 5, 5, 50, 10 -> median (5 + 10) / 2 = 7.5: (30,40) is clipped to (4.5, 6), the others pass
+    # weights 1, 2, 1, 100 (the flipped one's claimed weight buys nothing):
+    # ((3,4) + 2 (4,3) + (4.5,6)) / 4 = (15.5, 16) / 4
+    out = cosine_filter_clip(ups, [1.0, 2.0, 1.0, 100.0])
+    assert out["w"].tolist() == pytest.approx([3.875, 4.0]) and out["w"].dtype == torch.float32
+    assert cosine_filter_select(ups, 0.95) == [0, 1, 2]
+    assert cosine_filter_select(ups, 0.97) == [2]
+    assert cosine_filter_clip(ups, [1.0, 2.0, 1.0, 100.0], 0.97)["w"].tolist() == pytest.approx([4.5, 6.0])
+    # a threshold above 0.98995 keeps nothing: the model does not move
+    assert cosine_filter_select(ups, 0.99) == []
+    assert cosine_filter_clip(ups, [1.0] * 4, 0.99)["w"].tolist() == [0.0, 0.0]
+
+
+def test_cosine_filter_clip_keys_are_one_vector_and_threshold():
+    # 5 updates split over two keys, w = x, b = y; medians of the others:
+    #   0: (2,4) cos 22/(5 sqrt 20) = 0.984   1: (1.5,4.5) 0.822   2: (1.5,3.5) 0.972
+    #   3: (3.5,4.5) -0.99985                 4: (3.5,3.5) 0.707
+    ups = [_u(x, other=[y]) for x, y in [(3, 4), (4, 3), (30, 40), (-6, -8), (0, 5)]]
+    assert cosine_filter_select(ups) == [0, 1, 2, 4]
+    assert cosine_filter_select(ups, 0.8) == [0, 1, 2]
+    assert cosine_filter_select(ups, 0.9) == [0, 2]
+    assert cosine_filter_select(ups, -1.0) == [0, 1, 2, 3, 4]
+    # norms 5,5,50,10,5 -> median 5: (30,40) -> (3,4); weights 1,2,1,100,1 -> kept total 5
+    # ((3,4) + 2 (4,3) + (3,4) + (0,5)) / 5 = (14, 19) / 5
+    out = cosine_filter_clip(ups, [1.0, 2.0, 1.0, 100.0, 1.0])
+    assert out["w"].tolist() == pytest.approx([2.8]) and out["b"].tolist() == pytest.approx([3.8])
+    # a zero update has similarity 0: dropped at threshold 0, kept (adding only weight) below it
+    zero = [_u(1.0, 0.0), _u(1.0, 0.0), _u(0.0, 0.0)]
+    assert cosine_filter_select(zero) == [0, 1]
+    assert cosine_filter_clip(zero, [1.0, 1.0, 2.0], -0.5)["w"].tolist() == pytest.approx([0.5, 0.0])
+    # one update is kept as is; two that disagree are both dropped
+    assert cosine_filter_select([_u(1.0)]) == [0]
+    assert cosine_filter_select([_u(1.0), _u(-1.0)]) == []
+    with pytest.raises(ValueError, match="threshold"):
+        cosine_filter_select(ups, 1.0)
+    with pytest.raises(ValueError):
+        cosine_filter_clip(ups, [1.0] * 4)
+    with pytest.raises(ValueError, match="NaN"):
+        cosine_filter_clip([_u(1.0), _u(float("inf")), _u(1.0)], [1.0] * 3)
+
+
+def test_robust_aggregate_cosine_filter_clip():
+    b = _buf_from([("a", _u(3.0, 4.0), 1.0), ("b", _u(4.0, 3.0), 2.0), ("c", _u(30.0, 40.0), 1.0), ("d", _u(-6.0, -8.0), 100.0)], 4)
+    assert robust_aggregate(b, "cosine_filter_clip")["w"].tolist() == pytest.approx([3.875, 4.0])
+    assert robust_aggregate(b, "cosine_filter_clip", cosine_threshold=0.99)["w"].tolist() == [0.0, 0.0]
+
+
+def test_config_rejects_bad_cosine_threshold():
+    from raysim.config import ConfigError, load_config
+
+    cfg = load_config("configs/quickstart.yaml", ["robust.rule=cosine_filter_clip", "robust.cosine_threshold=0.1"])
+    assert cfg.robust.rule == "cosine_filter_clip" and cfg.robust.cosine_threshold == 0.1
+    with pytest.raises(ConfigError, match=r"robust\.cosine_threshold"):
+        load_config("configs/quickstart.yaml", ["robust.cosine_threshold=1.5"])
