@@ -127,7 +127,29 @@ def test_loader_takes_tiny_hf_checkpoints(tmp_path):
 
 # --- DeepSpeed -------------------------------------------------------------------------
 
-def test_deepspeed_zero2_and_zero3_give_the_torch_adapter(tmp_path):
+@pytest.fixture
+def extensions_dir(tmp_path, monkeypatch):
+    """A per-test TORCH_EXTENSIONS_DIR (a stale lock in ~/.cache/torch_extensions once hung
+    CI), seeded with the DeepSpeed shm op already built there (mtimes kept, lock files
+    not copied) so ninja finds it up to date instead of compiling it again. The rank
+    actors get the variable from FedLarge._group (RankGroup env)."""
+    import shutil
+    import sys
+
+    from torch.utils.cpp_extension import get_default_build_root
+
+    # Without the variable torch builds in <root>/py311_cpu/<op>; with it, in $DIR/<op>.
+    accel = "cpu" if torch.version.cuda is None else "cu" + torch.version.cuda.replace(".", "")
+    built = Path(get_default_build_root()) / f"py{sys.version_info.major}{sys.version_info.minor}{sys.abiflags}_{accel}"
+    target = tmp_path / "torch_extensions"
+    if built.is_dir():
+        shutil.copytree(built, target, ignore=shutil.ignore_patterns("lock"))
+    target.mkdir(exist_ok=True)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(target))
+    return target
+
+
+def test_deepspeed_zero2_and_zero3_give_the_torch_adapter(tmp_path, extensions_dir):
     pytest.importorskip("deepspeed")
     states = {}
     for name, extra in [("torch", {}), ("zero2", {"algorithm.options.backend": "deepspeed"}),
@@ -142,7 +164,7 @@ def test_deepspeed_zero2_and_zero3_give_the_torch_adapter(tmp_path):
             torch.testing.assert_close(states[name][k], v, atol=1e-3, rtol=1e-3, msg=f"{name} {k}")
 
 
-def test_deepspeed_keeps_each_clients_optimizer_state_across_rounds(tmp_path):
+def test_deepspeed_keeps_each_clients_optimizer_state_across_rounds(tmp_path, extensions_dir):
     """Every client trains in both rounds; with train.keep_optimizer_state ZeRO-3 carries
     each client's (flat, partitioned) AdamW moments into its next training and gives the
     torch backend's adapter, which differs from fresh moments. (ZeRO-2 keeps them the
@@ -180,23 +202,6 @@ def test_deepspeed_config_and_options():
 
 
 # --- a client over several ranks ---------------------------------------------------------
-
-@pytest.fixture
-def extensions_dir(tmp_path, monkeypatch):
-    """A per-test TORCH_EXTENSIONS_DIR (a stale lock in ~/.cache/torch_extensions once hung
-    CI), seeded with the DeepSpeed shm op already built there (mtimes kept, lock files
-    not copied) so ninja finds it up to date instead of compiling it again. The rank
-    actors get the variable from FedLarge._group (RankGroup env)."""
-    import shutil
-
-    home = Path.home() / ".cache" / "torch_extensions"
-    target = tmp_path / "torch_extensions"
-    if home.is_dir():
-        shutil.copytree(home, target, ignore=shutil.ignore_patterns("lock"))
-    target.mkdir(exist_ok=True)
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(target))
-    return target
-
 
 def test_shard_rows_split_a_batch_into_padded_contiguous_chunks():
     b = torch.tensor([10, 11, 12, 13, 14])
