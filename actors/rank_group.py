@@ -92,8 +92,8 @@ class RankGroup:
         self._finalizer = weakref.finalize(self, _release, self.actors, self.pg)
         addr, port = ray.get(self.actors[0].address.remote())
         backend = "nccl" if num_gpus else "gloo"
-        self.pids = ray.get([a.join.remote(addr, port, backend, factory) for a in self.actors])
         self.world_size, self.addr, self.port = world_size, addr, port
+        self.pids = self._all([a.join.remote(addr, port, backend, factory) for a in self.actors])
 
     def call(self, method: str, *args: Any) -> list[Any]:
         """`obj.method(*args)` on every rank at once (the arguments go to the object store
@@ -101,12 +101,14 @@ class RankGroup:
         likely waiting for it inside a collective: the group is closed and the error
         raised at once (the caller starts a new group if it wants one)."""
         refs = [ray.put(a) for a in args]
-        results = [a.call.remote(method, *refs) for a in self.actors]
+        return self._all([a.call.remote(method, *refs) for a in self.actors])
+
+    def _all(self, results: list) -> list[Any]:
         pending = list(results)
         try:
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
-                ray.get(done)
+                ray.get(done)  # raises the first rank's error as soon as it is known
         except Exception:
             self.close()
             raise
