@@ -149,6 +149,33 @@ def _extra_rows() -> list[str]:
             "released when the round's references go).",
             "",
         ]
+    if "warm_start" in extra:
+        w = extra["warm_start"]
+        rows += [
+            "## Warm start",
+            "",
+            f"`.venv/bin/python {w['command']}` ({w['measured']}, load {w['load_avg_at_start']:.1f} at start): "
+            "raysim with `runtime.warm_start` on and off against the ideal loop, 2 workers of 1 CPU each on the "
+            "2 cores, medians; first worker round: the first round the Ray workers served, per run.",
+            "",
+            "| workload | side | steady round (s) | after imports (s) | process (s) | first worker round |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, wl in w["workloads"].items():
+            for side in ("warm", "cold", "ideal"):
+                m = wl[side]
+                first = ", ".join("never" if f is None else str(f) for f in m.get("first_worker_round", [])) or "-"
+                rows.append(
+                    f"| ({name}) {' '.join(wl['overrides'])} | {side} | {m['steady_round_s']:.3f} | "
+                    f"{m['after_imports_s']:.1f} | {m['process_wall_s']:.1f} | {first} |"
+                )
+        rows += [
+            "",
+            "With warm start the driver's inline rounds and the two workers' start-up share the 2 cores, so "
+            "both slow down; off, the first round waits for the workers and every round runs on both. "
+            "Hence the default `auto`: warm start only when the driver has a core the workers do not take.",
+            "",
+        ]
     if "soak" in extra:
         k = extra["soak"]
         rows += ["## Soak", "", k["text"], ""]

@@ -162,7 +162,11 @@ class RuntimeConfig(_Strict):
     driver: Literal["process", "actor"] = "process"
     # pooled placement: the driver serves clients itself until the first worker is ready
     # (workers take seconds to import torch and build their models), then hands over.
-    warm_start: bool = True
+    # None (auto): only when the driver has cores the workers do not take (a Ray cluster,
+    # or more local CPUs than the workers reserve). On a machine the workers fill, the
+    # driver's rounds and the workers' start-up share the cores and both slow down
+    # (measured on 2 cores: docs/benchmarks.md, "Warm start").
+    warm_start: Optional[bool] = None
     # pooled, without warm start: how long the first round waits for every worker before it
     # starts with those that are ready (an autoscaler may take minutes to add their nodes).
     start_wait_s: float = Field(60.0, ge=0)

@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -158,7 +159,7 @@ class Engine:
             self.pool = LocalPool(self.algorithm, seed_fn, state_root, budget, cfg.checkpoint.every + 1)
         else:
             inline = None
-            if rt.warm_start and rt.placement == "pooled":
+            if _warm_start(rt, self.groups):
                 # The workers' thread count: the driver shares the cores with them while they start.
                 inline = ClientWorker(self.algorithm, -1, seed_fn, state_root, rt.torch_threads, budget, cfg.checkpoint.every + 1)
             self.pool = RayPool(
@@ -339,3 +340,16 @@ class Engine:
         self.pool.shutdown()
         self.run.sync()
         return summary
+
+
+def _warm_start(rt, groups) -> bool:
+    """runtime.warm_start, with None resolved: on when the driver has a core to spare."""
+    if rt.placement != "pooled":
+        return False
+    if rt.warm_start is not None:
+        return rt.warm_start
+    if rt.ray_address:  # a cluster: the workers have nodes of their own
+        return True
+    reserved = sum(g.num_workers * g.num_cpus for g in groups)
+    return (os.cpu_count() or 1) > reserved
+

@@ -68,6 +68,27 @@ def test_ray_pool_matches_local_mode(tmp_path, ray_cluster):
     assert len(summary["peak_rss_mb_by_process"]["workers"]) == 2
 
 
+def test_warm_start_auto_only_when_the_driver_has_a_core_to_spare(monkeypatch):
+    from types import SimpleNamespace as NS
+
+    from raysim import engine
+
+    def rt(**k):
+        return NS(**({"placement": "pooled", "warm_start": None, "ray_address": None} | k))
+
+    two_workers = [NS(num_workers=2, num_cpus=1.0)]
+    monkeypatch.setattr(engine.os, "cpu_count", lambda: 2)
+    assert not engine._warm_start(rt(), two_workers)  # the workers take both cores
+    assert engine._warm_start(rt(warm_start=True), two_workers)  # asked for: on
+    assert engine._warm_start(rt(ray_address="ray://head:10001"), [NS(num_workers=16, num_cpus=1.0)])  # their own nodes
+    assert not engine._warm_start(rt(placement="dedicated", warm_start=True), two_workers)  # one actor per client
+    monkeypatch.setattr(engine.os, "cpu_count", lambda: 4)
+    assert engine._warm_start(rt(), two_workers)  # two cores left for the driver
+    assert engine._warm_start(rt(), [NS(num_workers=2, num_cpus=1.0), NS(num_workers=1, num_cpus=1.5)])  # 3.5 < 4
+    assert not engine._warm_start(rt(), [NS(num_workers=2, num_cpus=1.0), NS(num_workers=2, num_cpus=1.0)])
+    assert not engine._warm_start(rt(warm_start=False), two_workers)
+
+
 def test_warm_start_serves_clients_in_the_driver_until_workers_are_ready(tmp_path, ray_cluster):
     """The first rounds run in the driver's process while the workers import torch and build
     their models; then the workers take over from the client states the driver wrote, and
@@ -80,7 +101,8 @@ def test_warm_start_serves_clients_in_the_driver_until_workers_are_ready(tmp_pat
     from raysim.engine import Engine
     from raysim.seeding import derive_seed
 
-    over = tiny_overrides(**{"rounds": 500, "clients.per_round": 5, "runtime.num_workers": 2, "eval.every": 1000})
+    over = tiny_overrides(**{"rounds": 500, "clients.per_round": 5, "runtime.num_workers": 2, "eval.every": 1000,
+                             "runtime.warm_start": "true"})  # auto would leave it off on 2 cores
     warm = Engine(load_config("configs/quickstart.yaml", over).to_dict(), str(tmp_path / "warm"), False)
     warm.start()
     served, deadline = [], time.monotonic() + 600
