@@ -14,32 +14,17 @@ from safetensors.torch import load_file
 from raysim import cli, groups
 from raysim.algorithms import creamfl
 from raysim.config import ConfigError, load_config
+from tests.test_creamfl import small as six_creamfl_clients
 
 ROOT = Path(__file__).resolve().parents[1]
 CREAMFL = str(ROOT / "configs" / "creamfl.yaml")
 QUICK = str(ROOT / "configs" / "quickstart.yaml")
-N, D = 24, 16
 
 
 def small(*extra: str) -> list[str]:
-    """Six CreamFL clients: 0-1 image-only, 2-3 text-only, 4-5 image-text; tiny models."""
-    return [
-        "rounds=2",
-        "clients.total=6",
-        "clients.per_round=6",
-        "algorithm.options.kinds={image: 0.334, text: 0.333, image_text: 0.333}",
-        f"algorithm.options.public_size={N}",
-        "algorithm.options.client_width=16",
-        "algorithm.options.public_batch_size=8",
-        "algorithm.options.server_batch_size=12",
-        f"model.projection_dim={D}",
-        "model.hidden_size=32",
-        "model.num_layers=1",
-        "model.intermediate_size=64",
-        "train.local_epochs=1",
-        "runtime.num_workers=0",
-        *extra,
-    ]
+    """Six CreamFL clients: 0-1 image-only, 2-3 text-only, 4-5 image-text; tiny models
+    (tests/test_creamfl.py's setting), 2 rounds."""
+    return six_creamfl_clients("rounds=2", *extra)
 
 
 TWO_GROUPS = (
