@@ -215,6 +215,12 @@ class RobustConfig(_Strict):
         0.0, ge=-1, lt=1, description="cosine_filter_clip: keep updates whose cosine similarity to the median of the others is above this"
     )
     max_update_norm: Optional[float] = Field(None, gt=0, description="reject updates with a larger L2 norm")
+    max_norm_ratio: Optional[float] = Field(
+        None,
+        ge=1,
+        description="before any rule (mean included): drop updates whose L2 norm exceeds this x the median norm of the"
+        " round's updates; counted as rejected ('norm_ratio'); off when unset",
+    )
     quarantine_strikes: int = Field(3, ge=1, description="rejections in a row before a client is quarantined")
     quarantine_rounds: int = Field(5, ge=0)
 
@@ -291,7 +297,14 @@ class ExperimentConfig(_Strict):
                 "lora.client_ranks gives clients different ranks, which "
                 "algorithm.lora_aggregation 'factors' cannot average; use 'product' or 'hetlora'"
             )
-        special = self.robust.rule != "mean" or self.privacy.dp or self.privacy.secure_aggregation
+        if self.robust.max_norm_ratio is not None and (self.privacy.dp or self.privacy.secure_aggregation):
+            problems.append(
+                "robust.max_norm_ratio compares each update with the round's median norm, which the driver cannot see"
+                " under privacy.dp or privacy.secure_aggregation; choose one"
+            )
+        special = (
+            self.robust.rule != "mean" or self.robust.max_norm_ratio is not None or self.privacy.dp or self.privacy.secure_aggregation
+        )
         if special and self.lora.client_ranks:
             problems.append(
                 "robust rules, DP and secure aggregation work on same-shape updates; drop lora.client_ranks"

@@ -67,7 +67,8 @@ class Guarded:
             return "secagg"
         if p.dp:
             return "dp"
-        return "robust" if self.cfg.robust.rule != "mean" else "mean"
+        r = self.cfg.robust
+        return "robust" if r.rule != "mean" or r.max_norm_ratio is not None else "mean"
 
     # --- client side (runs in the worker) ------------------------------------------
     def _attack(self, cid: int, tensors: Tensors, ref: Tensors) -> Tensors:
@@ -162,8 +163,16 @@ class Guarded:
             return self.inner.finalize(state, acc.inner)
         if mode == "robust":
             r = self.cfg.robust
+            buf = acc.buffer
+            if r.max_norm_ratio is not None:  # the pre-screen, before any rule
+                ids, updates, _ = robust.buffer_updates(buf)
+                keep = robust.norm_screen_select(updates, r.max_norm_ratio)
+                for i in sorted(set(range(len(ids))) - set(keep)):
+                    # the engine reads acc.rejected after finalize: metrics and quarantine strikes
+                    acc.rejected[int(ids[i])] = f"norm_ratio: above {r.max_norm_ratio} x the round's median norm"
+                buf = robust.buffer_subset(buf, keep)
             delta = robust.robust_aggregate(
-                acc.buffer,
+                buf,
                 r.rule,
                 trim_fraction=r.trim_fraction,
                 max_norm=r.clip_norm,

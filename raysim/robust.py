@@ -45,10 +45,19 @@ Rules (pure functions over a list of updates; results are new float32 tensors):
     attackers it is an honest client's norm), and take the weighted mean of the kept, clipped
     updates. Selection never looks at the weights. If nothing is kept, the result is all zeros:
     the model does not move this round. FLAME's final Gaussian noise (its DP step) is left out.
+``norm_screen_select(updates, max_ratio) -> list[int]``
+    a pre-screen that composes with any rule: keep update i unless its L2 norm (all keys) exceeds
+    ``max_ratio`` times the median norm of the round's updates (norm-outlier rejection, as in the
+    norm-bound defence of Sun et al. 2019, "Can you really backdoor federated learning?", with
+    FLAME's median norm as the reference instead of a fixed bound). ``max_ratio >= 1``, so every
+    update at or below the median is kept and the result is never empty. An attacker who knows the
+    ratio can scale to just under it: the screen bounds the scale, not the direction.
 ``leave_one_out_medians(updates) -> Tensor``
     row i is the coordinate-wise median of all updates but i, flattened, from a single sort.
 ``robust_aggregate(buf, rule, trim_fraction=..., max_norm=..., num_byzantine=..., byzantine_fraction=..., cosine_threshold=...) -> Tensors``
-    apply a rule by name (``RULES``) to a buffer.
+    apply a rule by name (``RULES``; ``"mean"`` is the plain weighted mean) to a buffer.
+``buffer_subset(buf, keep) -> BoundedBuffer``
+    a new buffer with only the entries at indices ``keep`` (e.g. after ``norm_screen_select``).
 
 Median and trimmed mean ignore weights on purpose: a weight is whatever the client claims
 (e.g. its example count), so a hostile client could otherwise buy influence. Multi-Krum selects
@@ -230,6 +239,11 @@ def buffer_updates(buf: BoundedBuffer) -> tuple[list[str], list[Tensors], list[f
     return [e[0] for e in buf.entries], [e[1] for e in buf.entries], [e[2] for e in buf.entries]
 
 
+def buffer_subset(buf: BoundedBuffer, keep: Sequence[int]) -> BoundedBuffer:
+    """A new buffer with the entries at indices ``keep`` (entries shared, not copied)."""
+    return BoundedBuffer(buf.capacity, [buf.entries[i] for i in sorted(set(keep))])
+
+
 def _flat(updates: Sequence[Tensors]) -> torch.Tensor:
     # (n, d) float64: every key of an update as one vector, keys in the first update's order
     keys = list(updates[0])
@@ -340,6 +354,24 @@ def geometric_median(
     return _unflat(z, updates[0])
 
 
+def _median(values: Sequence[float]) -> float:
+    v = sorted(values)
+    n = len(v)
+    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
+
+
+def norm_screen_select(updates: Sequence[Tensors], max_ratio: float) -> list[int]:
+    """Indices (ascending) of the updates whose L2 norm is at most ``max_ratio`` x the median norm."""
+    _check_same_layout(updates)
+    if not max_ratio >= 1:
+        raise ValueError(f"max_ratio must be >= 1 (or everything above the median goes), got {max_ratio}")
+    norms = [global_norm(u) for u in updates]
+    if not all(math.isfinite(v) for v in norms):
+        raise ValueError("an update has a NaN/Inf norm: screen out NaN/Inf first")
+    bound = max_ratio * _median(norms)
+    return [i for i, v in enumerate(norms) if v <= bound]
+
+
 def leave_one_out_medians(updates: Sequence[Tensors]) -> torch.Tensor:
     """Row i: the coordinate-wise median of all updates but i, flattened (n, d) float64; needs n >= 2.
 
@@ -382,12 +414,11 @@ def cosine_filter_clip(updates: Sequence[Tensors], weights: Sequence[float], thr
     """Weighted mean of the kept updates (``cosine_filter_select``), each clipped to the median norm of all updates."""
     weights = _check_weights(weights, len(updates))
     _check_same_layout(updates)
-    norms = sorted(global_norm(u) for u in updates)
+    norms = [global_norm(u) for u in updates]
     if not all(math.isfinite(v) for v in norms):
         raise ValueError("an update has a NaN/Inf norm: screen out NaN/Inf first")
     keep = cosine_filter_select(updates, threshold)
-    n = len(norms)
-    bound = norms[n // 2] if n % 2 else (norms[n // 2 - 1] + norms[n // 2]) / 2
+    bound = _median(norms)
     total = sum(weights[i] for i in keep)
     out: Tensors = {}
     if not keep or total <= 0 or bound <= 0:
@@ -401,7 +432,7 @@ def cosine_filter_clip(updates: Sequence[Tensors], weights: Sequence[float], thr
     return out
 
 
-RULES = ("median", "trimmed_mean", "norm_clip", "multi_krum", "geometric_median", "cosine_filter_clip")
+RULES = ("mean", "median", "trimmed_mean", "norm_clip", "multi_krum", "geometric_median", "cosine_filter_clip")
 
 
 def robust_aggregate(
@@ -421,6 +452,8 @@ def robust_aggregate(
     and with fewer than 3 updates there are no neighbours to score: their weighted mean is used.
     """
     _, updates, weights = buffer_updates(buf)
+    if rule == "mean":  # e.g. after a norm screen
+        return norm_clipped_mean(updates, weights, math.inf)
     if rule == "multi_krum":
         if len(updates) < 3:
             return norm_clipped_mean(updates, weights, math.inf)

@@ -52,6 +52,14 @@ def test_norm_bound_rejects_large_updates(tmp_path):
     assert rec["rejected"] == {"norm": 4} and rec["quarantined"] == []
 
 
+def test_norm_ratio_screen_drops_above_the_median_and_counts_them(tmp_path):
+    # ratio 1 with 4 distinct norms: the two above the median (mean of the middle two) go
+    out = run(tmp_path, "ratio", rounds=2, **{"robust.max_norm_ratio": 1.0, "robust.quarantine_rounds": 0})
+    for rec in records(out)[1:]:
+        assert rec["rejected"] == {"norm_ratio": 2} and set(rec["rejected_clients"]) < set(rec["clients"])
+    assert all(torch.isfinite(t).all() for t in final(out).values())
+
+
 def test_median_resists_byzantine_clients_where_mean_does_not(tmp_path):
     attack = {"rounds": 1, "faults.byzantine_fraction": 0.25, "faults.attack_scale": 20.0}
     clean = final(run(tmp_path, "clean", rounds=1))

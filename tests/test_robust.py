@@ -7,6 +7,7 @@ import torch
 from raysim.robust import (
     buffer_add,
     buffer_merge,
+    buffer_subset,
     buffer_updates,
     buffer_zero,
     clip_by_norm,
@@ -20,6 +21,7 @@ from raysim.robust import (
     multi_krum,
     multi_krum_select,
     norm_clipped_mean,
+    norm_screen_select,
     robust_aggregate,
     trimmed_mean,
 )
@@ -394,3 +396,48 @@ def test_config_rejects_bad_cosine_threshold():
     assert cfg.robust.rule == "cosine_filter_clip" and cfg.robust.cosine_threshold == 0.1
     with pytest.raises(ConfigError, match=r"robust\.cosine_threshold"):
         load_config("configs/quickstart.yaml", ["robust.cosine_threshold=1.5"])
+
+
+# --------------------------------------------------------------------------- norm screen
+
+
+def test_norm_screen_hand_computed():
+    # norms 1, 1, 2, 10 -> median (1 + 2) / 2 = 1.5; ratio 3 -> bound 4.5: the 10 goes
+    ups = [_u(1.0, 0.0), _u(0.0, -1.0), _u(0.0, 2.0), _u(6.0, 8.0)]
+    assert norm_screen_select(ups, 3.0) == [0, 1, 2]
+    assert norm_screen_select(ups, 20 / 3) == [0, 1, 2, 3]  # bound exactly 10: kept (drop only above)
+    # ratio 1: everything above the median goes; odd count: norms 3, 4, 5 -> median 4
+    assert norm_screen_select([_u(5.0), _u(-3.0), _u(4.0)], 1.0) == [1, 2]
+    # all keys are one vector: (3 | 4) has norm 5, (1 | 0) and (0 | 1) norm 1 -> median 1
+    two = [_u(3.0, other=[4.0]), _u(1.0, other=[0.0]), _u(0.0, other=[1.0])]
+    assert norm_screen_select(two, 4.9) == [1, 2] and norm_screen_select(two, 5.0) == [0, 1, 2]
+    assert norm_screen_select([_u(0.0), _u(0.0), _u(1.0)], 1.0) == [0, 1]  # median 0: only zeros pass
+    assert norm_screen_select([_u(7.0)], 1.0) == [0]
+    with pytest.raises(ValueError, match="max_ratio"):
+        norm_screen_select(ups, 0.5)
+    with pytest.raises(ValueError, match="NaN"):
+        norm_screen_select([_u(1.0), _u(float("nan")), _u(1.0)], 3.0)
+
+
+def test_norm_screen_composes_with_rules_via_buffer_subset():
+    b = _buf_from([("a", _u(1.0), 1.0), ("b", _u(2.0), 3.0), ("c", _u(-10.0), 1.0), ("d", _u(1.0), 1.0)], 4)
+    ids, ups, _ = buffer_updates(b)
+    keep = norm_screen_select(ups, 3.0)  # norms 1, 2, 10, 1 -> median 1.5, bound 4.5
+    assert [ids[i] for i in keep] == ["a", "b", "d"]
+    sub = buffer_subset(b, keep)
+    assert buffer_updates(sub)[0] == ["a", "b", "d"] and len(b.entries) == 4 and sub.capacity == 4
+    # "mean" is the weighted mean: (1 + 3 * 2 + 1) / 5 after the screen, (1 + 6 - 10 + 1) / 6 without
+    assert robust_aggregate(sub, "mean")["w"].tolist() == pytest.approx([8 / 5])
+    assert robust_aggregate(b, "mean")["w"].tolist() == pytest.approx([-2 / 6])
+    assert robust_aggregate(sub, "median")["w"].tolist() == [1.0]
+
+
+def test_config_max_norm_ratio():
+    from raysim.config import ConfigError, load_config
+
+    assert load_config("configs/quickstart.yaml").robust.max_norm_ratio is None
+    assert load_config("configs/quickstart.yaml", ["robust.max_norm_ratio=3"]).robust.max_norm_ratio == 3.0
+    with pytest.raises(ConfigError, match=r"robust\.max_norm_ratio"):
+        load_config("configs/quickstart.yaml", ["robust.max_norm_ratio=0.5"])
+    with pytest.raises(ConfigError, match="max_norm_ratio"):
+        load_config("configs/quickstart.yaml", ["robust.max_norm_ratio=3", "privacy.secure_aggregation=true"])
