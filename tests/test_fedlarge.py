@@ -351,6 +351,23 @@ def test_quality_scores_find_shuffled_captions():
     assert (w > 0).all() and w[scores.argmin()] < w[scores.argmax()]
 
 
+def test_quality_weights_by_hand():
+    scores = torch.tensor([0.1, 0.2, -0.05, 0.3, 0.4])
+    # threshold 0: only the pair scoring below an average other caption goes
+    keep = fedlarge.quality_weights(scores, fedlarge.Options(quality="filter", filter_threshold=0.0))
+    assert keep.tolist() == [1, 1, 0, 1, 1]
+    # lowest 30%: the 0.3 quantile of [-0.05, 0.1, 0.2, 0.3, 0.4] is 0.1 + 0.2 * 0.1 = 0.12,
+    # so a clean pair (0.1) goes too
+    keep = fedlarge.quality_weights(scores, fedlarge.Options(quality="filter", filter_fraction=0.3))
+    assert keep.tolist() == [0, 1, 0, 1, 1]
+    # all below the threshold: the two best stay (a contrastive batch needs two pairs)
+    at_zero = fedlarge.Options(quality="filter", filter_threshold=0.0)
+    assert fedlarge.quality_weights(torch.tensor([-0.1, -0.3, -0.2]), at_zero).tolist() == [1, 0, 1]
+    # weight: sigmoid(score / 0.05) around threshold 0: 0.1 -> sigmoid(2), -0.05 -> sigmoid(-1)
+    w = fedlarge.quality_weights(scores, fedlarge.Options(quality="weight", filter_threshold=0.0))
+    torch.testing.assert_close(w[[0, 2]], torch.tensor([0.880797, 0.268941]))
+
+
 def test_caption_noise_only_touches_the_listed_clients():
     algo = fedlarge.FedLarge(tiny_cfg(**{"algorithm.options.caption_noise.clients": "[1]"}))
     clean = fedlarge.FedLarge(tiny_cfg())

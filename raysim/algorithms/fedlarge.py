@@ -106,7 +106,7 @@ class Options(_Strict):
     quality: Literal["none", "filter", "weight"] = "none"
     quality_every: int = Field(0, ge=0, description="re-score every K rounds; 0 = only before the first training")
     filter_fraction: float = Field(0.3, ge=0, lt=1, description="filter: drop this lowest-scoring share")
-    filter_threshold: Optional[float] = Field(None, description="filter: drop pairs scoring below this instead")
+    filter_threshold: Optional[float] = Field(None, description="filter: drop pairs below this instead (see quality_weights)")
     weight_temperature: float = Field(0.05, gt=0, description="weight: sigmoid((score - cut) / T)")
     # Contribution: cosine of each client's update with the aggregate update.
     contribution: Literal["none", "gradient"] = "gradient"
@@ -569,7 +569,11 @@ def pair_scores(forward, data: PairData, batch_size: int, device: torch.device, 
 
 
 def quality_weights(scores: torch.Tensor, opts: Options) -> torch.Tensor:
-    """Per-pair weights from quality scores: 0/1 for `filter`, in (0, 1] for `weight`."""
+    """Per-pair weights from quality scores: 0/1 for `filter`, in (0, 1] for `weight`.
+    The cut is `filter_threshold` when set -- 0 means "drop a pair whose caption fits its
+    image no better than the average other local caption" (pair_scores), a rule that
+    drops only what the model calls mismatched and leaves a clean client nearly whole --
+    else the client's `filter_fraction` quantile, which drops that share of every client."""
     if opts.quality == "none" or len(scores) == 0:
         return torch.ones_like(scores)
     cut = (torch.tensor(opts.filter_threshold) if opts.filter_threshold is not None
