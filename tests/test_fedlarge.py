@@ -149,19 +149,19 @@ def extensions_dir(tmp_path, monkeypatch):
     return target
 
 
-def test_deepspeed_zero2_and_zero3_give_the_torch_adapter(tmp_path, extensions_dir):
+def test_deepspeed_zero2_gives_the_torch_adapter(tmp_path, extensions_dir):
+    """ZeRO-2 over 2 rounds. (ZeRO-3 against the torch backend, also 2 rounds:
+    test_deepspeed_keeps_each_clients_optimizer_state_across_rounds.)"""
     pytest.importorskip("deepspeed")
     states = {}
-    for name, extra in [("torch", {}), ("zero2", {"algorithm.options.backend": "deepspeed"}),
-                        ("zero3", {"algorithm.options.backend": "deepspeed", "algorithm.options.zero_stage": 3})]:
+    for name, extra in [("torch", {}), ("zero2", {"algorithm.options.backend": "deepspeed"})]:
         engine = run(tiny_cfg(**extra), tmp_path / name)
         states[name] = engine.state
     start = fedlarge.FedLarge(tiny_cfg()).init_server()
     moved = max((states["torch"][k] - start[k]).abs().max().item() for k in start)
     assert moved > 1e-3  # two rounds really trained
-    for name in ("zero2", "zero3"):
-        for k, v in states["torch"].items():
-            torch.testing.assert_close(states[name][k], v, atol=1e-3, rtol=1e-3, msg=f"{name} {k}")
+    for k, v in states["torch"].items():
+        torch.testing.assert_close(states["zero2"][k], v, atol=1e-3, rtol=1e-3, msg=k)
 
 
 def test_deepspeed_keeps_each_clients_optimizer_state_across_rounds(tmp_path, extensions_dir):
