@@ -20,6 +20,12 @@ What is Flower's way: the ClientApp builds the model inside the client function 
 call (as Flower's examples do), the data set object is cached per process (as Flower's
 examples cache their FederatedDataset), messages carry the adapter as an ArrayRecord.
 2 CPUs for the simulation, 1 CPU (and 1 torch thread) per ClientApp: 2 at a time.
+
+With `algorithm.name: fedlarge` (configs/fedlarge.yaml, workload c2) the ClientApp runs
+FedLarge's own client step instead, on a model built per call by `FedLarge.build_resident`
+(the MiniLM dual encoder loaded with from_pretrained from its local directory, plus LoRA);
+the FedLarge object (settings, tokenizer, tokenized data set) is what is cached per
+process. The server starts from `FedLarge.init_server` and evaluates with `FedLarge.evaluate`.
 """
 from __future__ import annotations
 
@@ -45,6 +51,7 @@ from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from flwr.serverapp.strategy import FedAvg  # noqa: E402
 from flwr.simulation import run_simulation  # noqa: E402
 
+from actors.protocol import Broadcast, ClientContext  # noqa: E402
 from raysim import vlm_lora  # noqa: E402
 from raysim.config import config_from_dict, load_config  # noqa: E402
 from raysim.data import FederatedData  # noqa: E402
@@ -55,7 +62,7 @@ T_IMPORTED = time.perf_counter()
 
 # ------------------------------------------------------------------------------ ClientApp
 
-_DATA: dict[str, tuple] = {}  # per-process cache of the data set (as Flower examples cache fds)
+_DATA: dict[str, object] = {}  # per-process cache of the data set (as Flower examples cache fds)
 
 
 def _config_and_data(cfg_json: str):
@@ -63,6 +70,49 @@ def _config_and_data(cfg_json: str):
         cfg = config_from_dict(json.loads(cfg_json))
         _DATA[cfg_json] = (cfg, FederatedData(cfg.data, cfg.clients.total, cfg.model.max_text_len, cfg.seed))
     return _DATA[cfg_json]
+
+
+def _fedlarge(cfg_json: str):
+    """FedLarge's settings with its tokenizer and tokenized data set, cached per process."""
+    if cfg_json not in _DATA:
+        from raysim.algorithms.fedlarge import FedLarge
+
+        algo = _DATA[cfg_json] = FedLarge(config_from_dict(json.loads(cfg_json)))
+        if algo.opts.quality != "none":  # its scores would need to persist in context.state too
+            raise ValueError("the Flower benchmark runs fedlarge with algorithm.options.quality=none")
+    return _DATA[cfg_json]
+
+
+def _load_moments(context: Context) -> dict:
+    if "optimizer" in context.state:  # this node's optimizer moments from its last round
+        return {"optimizer": dict(context.state["optimizer"].to_torch_state_dict())}
+    return {}
+
+
+def _save_moments(context: Context, client_state: dict) -> None:
+    if "optimizer" in client_state:
+        context.state["optimizer"] = ArrayRecord(client_state["optimizer"])
+
+
+def _train_vlm_lora(cfg_json: str, cid: int, rnd: int, arrays: dict, context: Context):
+    cfg, data = _config_and_data(cfg_json)
+    # The model is built inside the client function, on every call (Flower's examples).
+    resident = vlm_lora.build_resident(cfg, data)
+    start = vlm_lora.for_client(arrays, vlm_lora.client_rank(cfg, cid), vlm_lora.max_rank(cfg))
+    client_state = _load_moments(context)
+    tensors, metrics = vlm_lora.local_train(resident, cfg, cid, derive_seed(cfg.seed, rnd, cid), start, client_state)
+    _save_moments(context, client_state)
+    return tensors, metrics["train_loss"], len(data.client_partition[cid])
+
+
+def _train_fedlarge(cfg_json: str, cid: int, rnd: int, arrays: dict, context: Context):
+    algo = _fedlarge(cfg_json)
+    # The model is built inside the client function, on every call (Flower's examples).
+    resident = algo.build_resident()
+    ctx = ClientContext(cid, rnd, derive_seed(algo.cfg.seed, rnd, cid), None, resident, _load_moments(context))
+    result = algo.client_step(ctx, Broadcast(round=rnd, tensors=arrays))
+    _save_moments(context, ctx.state)
+    return result.tensors, result.metrics["train_loss"], result.num_examples
 
 
 client_app = ClientApp()
@@ -73,28 +123,14 @@ def train(msg: Message, context: Context) -> Message:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)  # the same thread budget as raysim's workers (1 CPU each)
     config = msg.content["config"]
-    cfg, data = _config_and_data(config["cfg"])
     cid = int(context.node_config["partition-id"])
     if cid != config["client-id"]:
         raise RuntimeError(f"node serves partition {cid}, the server meant client {config['client-id']}")
-    rnd = int(config["server-round"])
-    # The model is built inside the client function, on every call (Flower's examples).
-    resident = vlm_lora.build_resident(cfg, data)
-    rank = vlm_lora.client_rank(cfg, cid)
-    start = vlm_lora.for_client(dict(msg.content["arrays"].to_torch_state_dict()), rank, vlm_lora.max_rank(cfg))
-    client_state = {}
-    if "optimizer" in context.state:  # this node's optimizer moments from its last round
-        client_state["optimizer"] = dict(context.state["optimizer"].to_torch_state_dict())
-    tensors, metrics = vlm_lora.local_train(resident, cfg, cid, derive_seed(cfg.seed, rnd, cid), start, client_state)
-    if "optimizer" in client_state:
-        context.state["optimizer"] = ArrayRecord(client_state["optimizer"])
+    step = _train_fedlarge if json.loads(config["cfg"])["algorithm"]["name"] == "fedlarge" else _train_vlm_lora
+    arrays = dict(msg.content["arrays"].to_torch_state_dict())
+    tensors, loss, n = step(config["cfg"], cid, int(config["server-round"]), arrays, context)
     reply = RecordDict(
-        {
-            "arrays": ArrayRecord(tensors),
-            "metrics": MetricRecord(
-                {"train_loss": metrics["train_loss"], "num-examples": len(data.client_partition[cid])}
-            ),
-        }
+        {"arrays": ArrayRecord(tensors), "metrics": MetricRecord({"train_loss": loss, "num-examples": n})}
     )
     return Message(content=reply, reply_to=msg)
 
@@ -143,16 +179,25 @@ def make_server_app(cfg) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         warnings.filterwarnings("ignore")
-        data = FederatedData(cfg.data, cfg.clients.total, cfg.model.max_text_len, cfg.seed)
-        server_model = vlm_lora.build_resident(cfg, data)  # for the initial adapter and central evaluation
-        initial = ArrayRecord(vlm_lora.initial_adapter(server_model, cfg))
+        if cfg.algorithm.name == "fedlarge":
+            from raysim.algorithms.fedlarge import FedLarge
+
+            algo = FedLarge(cfg)  # its evaluation model is built once, on first use
+            initial, central_eval = ArrayRecord(algo.init_server()), algo.evaluate
+        else:
+            data = FederatedData(cfg.data, cfg.clients.total, cfg.model.max_text_len, cfg.seed)
+            server_model = vlm_lora.build_resident(cfg, data)  # for the initial adapter and central evaluation
+            initial = ArrayRecord(vlm_lora.initial_adapter(server_model, cfg))
+
+            def central_eval(adapter):
+                return vlm_lora.evaluate_adapter(server_model, cfg, adapter)
         evals, eval_s = {}, {}
 
         def evaluate_fn(server_round: int, arrays: ArrayRecord):
             if server_round % cfg.eval.every and server_round not in (0, cfg.rounds):
                 return None
             t0 = time.perf_counter()
-            evals[server_round] = vlm_lora.evaluate_adapter(server_model, cfg, dict(arrays.to_torch_state_dict()))
+            evals[server_round] = central_eval(dict(arrays.to_torch_state_dict()))
             eval_s[server_round] = time.perf_counter() - t0
             return MetricRecord(evals[server_round])
 

@@ -12,6 +12,11 @@ is bit-identical to raysim's). Evaluation: round 0 and the last round, plus ever
     .venv/bin/python benchmarks/ideal.py configs/quickstart.yaml clients.total=100 \
         rounds=20 eval.every=1000 --threads 2 --json /tmp/ideal.json
 
+With `algorithm.name: fedlarge` (configs/fedlarge.yaml) the loop runs FedLarge's own
+steps instead: `FedLarge.build_resident` once (the MiniLM dual encoder plus LoRA, also
+used for evaluation: one model in the process), then per client `FedLarge.client_step`
+and the fold `zero`/`accumulate`/`finalize`, evaluation with `FedLarge.evaluate`.
+
 Prints one JSON object (also written to --json): per-round wall times, the time spent
 importing, the wall time after imports, peak memory (PSS of this process) and the final
 adapter's L2 norm.
@@ -43,6 +48,54 @@ from raysim.seeding import derive_seed, sample_clients  # noqa: E402
 T_IMPORTED = time.perf_counter()
 
 
+def vlm_lora_loop(cfg):
+    """raysim's FedAvg (and the quickstart's algorithm) on the shared tiny CLIP."""
+    data = FederatedData(cfg.data, cfg.clients.total, cfg.model.max_text_len, cfg.seed)
+    resident = vlm_lora.build_resident(cfg, data)  # base model built once, LoRA added once
+    r_max = vlm_lora.max_rank(cfg)
+    sizes = data.client_sizes()
+    client_state: dict[int, dict] = {}  # each client's optimizer moments / personal adapter
+
+    def train_round(state, r: int, ids: list[int]):
+        acc, losses = agg.ws_zero(), []
+        for cid in ids:
+            start = vlm_lora.for_client(state, vlm_lora.client_rank(cfg, cid), r_max)
+            tensors, metrics = vlm_lora.local_train(
+                resident, cfg, cid, derive_seed(cfg.seed, r, cid), start, client_state.setdefault(cid, {})
+            )
+            acc = vlm_lora.adapter_fold_add(acc, tensors, float(sizes[cid]), cfg)
+            losses.append(metrics["train_loss"])
+        return vlm_lora.adapter_fold_result(acc, cfg), losses
+
+    return vlm_lora.initial_adapter(resident, cfg), train_round, lambda s: vlm_lora.evaluate_adapter(resident, cfg, s)
+
+
+def fedlarge_loop(cfg):
+    """FedLarge's own client step and fold, the resident (MiniLM dual encoder + LoRA) built once."""
+    from actors.protocol import ClientContext
+    from raysim.algorithms.fedlarge import FedLarge
+
+    algo = FedLarge(cfg)
+    resident = algo.build_resident()
+    algo.__dict__["_eval_resident"] = resident  # evaluate on the same model: one copy in the process
+    client_state: dict[int, dict] = {}
+
+    def train_round(state, r: int, ids: list[int]):
+        msg = algo.broadcast(state, r, ids)
+        acc, losses = algo.zero(msg), []
+        for cid in ids:
+            ctx = ClientContext(cid, r, derive_seed(cfg.seed, r, cid), None, resident, client_state.setdefault(cid, {}))
+            result = algo.client_step(ctx, msg)
+            acc = algo.accumulate(acc, result)
+            losses.append(result.metrics["train_loss"])
+        return algo.finalize(state, acc), losses
+
+    return algo.init_server(), train_round, algo.evaluate
+
+
+LOOPS = {"fedlarge": fedlarge_loop}  # any other algorithm: the vlm_lora loop (FedAvg's steps)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("config")
@@ -55,35 +108,21 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     with PeakMemorySampler() as memory:
         cfg = load_config(args.config, args.overrides)
-        data = FederatedData(cfg.data, cfg.clients.total, cfg.model.max_text_len, cfg.seed)
-        resident = vlm_lora.build_resident(cfg, data)  # base model built once, LoRA added once
-        r_max = vlm_lora.max_rank(cfg)
-        sizes = data.client_sizes()
-        state = vlm_lora.initial_adapter(resident, cfg)
-        client_state: dict[int, dict] = {}  # each client's optimizer moments / personal adapter
+        state, train_round, evaluate = LOOPS.get(cfg.algorithm.name, vlm_lora_loop)(cfg)
         t_eval = time.perf_counter()
-        evals = {0: vlm_lora.evaluate_adapter(resident, cfg, state)}
+        evals = {0: evaluate(state)}
         eval_s = {0: time.perf_counter() - t_eval}
         setup_s = t_eval - t0
         rounds = []
         for r in range(1, cfg.rounds + 1):
             t_r = time.perf_counter()
             ids = sample_clients(cfg.seed, r, cfg.clients.total, cfg.clients.per_round)
-            acc = agg.ws_zero()
-            losses = []
-            for cid in ids:
-                start = vlm_lora.for_client(state, vlm_lora.client_rank(cfg, cid), r_max)
-                tensors, metrics = vlm_lora.local_train(
-                    resident, cfg, cid, derive_seed(cfg.seed, r, cid), start, client_state.setdefault(cid, {})
-                )
-                acc = vlm_lora.adapter_fold_add(acc, tensors, float(sizes[cid]), cfg)
-                if metrics["train_loss"] == metrics["train_loss"]:
-                    losses.append(metrics["train_loss"])
-            state = vlm_lora.adapter_fold_result(acc, cfg)
+            state, losses = train_round(state, r, ids)
+            losses = [x for x in losses if x == x]  # NaN: a client too small for one batch
             t_c = time.perf_counter()
             rec = {"round": r, "clients": ids, "compute_s": t_c - t_r}
             if r % cfg.eval.every == 0 or r == cfg.rounds:
-                evals[r] = vlm_lora.evaluate_adapter(resident, cfg, state)
+                evals[r] = evaluate(state)
                 rec["eval_s"] = time.perf_counter() - t_c
             rec["train_loss"] = sum(losses) / len(losses) if losses else float("nan")
             rec["wall_s"] = time.perf_counter() - t_r

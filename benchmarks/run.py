@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/run.py            # everything (~15-25 min on 2 quiet cores)
     .venv/bin/python benchmarks/run.py --quick    # tiny setting, raysim + ideal, ~30 s (the test)
-    .venv/bin/python benchmarks/run.py --only a,b # some workloads (a b c d e, assignment)
+    .venv/bin/python benchmarks/run.py --only a,b # some workloads (a b c c2 d e, assignment)
 
 Every number comes from a fresh process per run (imports, Ray start, pre-trained base
 read from the cache, nothing else cached). The sides of a comparison run alternately,
@@ -12,10 +12,12 @@ needs its own venv: `bash benchmarks/setup_flower.sh` (without it Flower is skip
 Writes benchmarks/results.json and the tables in docs/benchmarks.md (a full run only;
 --quick writes its JSON to benchmarks/.runs/results-quick.json unless --json is given).
 
-Workloads (configs/quickstart.yaml plus overrides):
+Workloads (configs/quickstart.yaml plus overrides; c2: configs/fedlarge.yaml):
   a  raysim vs ideal: 100 clients, 10 per round, 20 rounds
   b  raysim vs Flower: 10 per round, 5 rounds, at 100 and at 1,000 clients
   c  raysim vs Flower (and the ideal) on a larger tiny CLIP (hidden 256, 4 layers, ~6.5M parameters)
+  c2 the same three on configs/fedlarge.yaml: the MiniLM dual encoder (~23M parameters),
+     quality filtering and contribution scores off (plain FedAvg of LoRA adapters)
   d  population independence: raysim's round time at 1,000 vs 100 clients (from b)
   e  1,000 clients each with its own state (1,000 per round, 2 rounds), peak memory
   assignment  raysim sticky vs balanced on workload a (picks the one used elsewhere)
@@ -55,6 +57,16 @@ LARGE = [
     # A speed benchmark: the base only has to exist, so its central pre-training is short.
     "pretrain.epochs=2",
 ]
+FEDLARGE = "configs/fedlarge.yaml"
+C2 = [
+    "clients.total=100",
+    "clients.per_round=10",
+    "rounds=5",
+    # What Flower's FedAvg does too: no data-quality scoring, no contribution scores.
+    "algorithm.options.quality=none",
+    "algorithm.options.caption_noise.clients=[]",
+    "algorithm.options.contribution=none",
+]
 
 GOALS = {
     "a_round_ratio": "raysim steady round <= 1.10 x ideal",
@@ -65,7 +77,8 @@ GOALS = {
     "b1000_wall": "raysim wall after imports <= 0.5 x Flower's (1,000 clients)",
     "b100_memory": "raysim peak memory < Flower's (100 clients)",
     "b1000_memory": "raysim peak memory < Flower's (1,000 clients)",
-    "c_round": "Flower / raysim steady round >= 3 (larger model)",
+    "c_round": "Flower / raysim steady round >= 3 (larger model: (c) tiny CLIP, 6.6M)",
+    "c2_round": "Flower / raysim steady round >= 3 (larger model: (c2) MiniLM dual encoder, 23M)",
     "d_population": "raysim mean round at 1,000 clients <= 1.10 x at 100",
     "e_memory": "1,000 clients, 2 workers: peak memory of the run <= 3 GiB",
 }
@@ -103,13 +116,13 @@ def _run(cmd: list[str], logfile: Path, env: dict | None = None) -> float:
     return wall
 
 
-def run_raysim(overrides: list[str], scratch: Path, tag: str, preimport: bool = True) -> dict:
+def run_raysim(overrides: list[str], scratch: Path, tag: str, preimport: bool = True, config: str = CONFIG) -> dict:
     from raysim.checkpoint import load_latest
     from raysim.vlm_lora import l2_norm
 
     out = scratch / f"raysim-{tag}"
     js = scratch / f"raysim-{tag}.json"
-    cmd = [str(PY), str(HERE / "raysim_run.py"), "--json", str(js), "--", "run", CONFIG, "--out", str(out), "--quiet"]
+    cmd = [str(PY), str(HERE / "raysim_run.py"), "--json", str(js), "--", "run", config, "--out", str(out), "--quiet"]
     env = {"RAYSIM_BENCH_PREIMPORT": "1" if preimport else "0"}
     wall = _run(cmd + COMMON + RAYSIM_ONLY + overrides, scratch / f"raysim-{tag}.log", env)
     timing = json.loads(js.read_text())
@@ -142,19 +155,19 @@ def run_raysim(overrides: list[str], scratch: Path, tag: str, preimport: bool = 
 IDEAL_THREADS = [2]
 
 
-def run_ideal(overrides: list[str], scratch: Path, tag: str, threads: int | None = None) -> dict:
+def run_ideal(overrides: list[str], scratch: Path, tag: str, threads: int | None = None, config: str = CONFIG) -> dict:
     threads = threads or IDEAL_THREADS[0]
     js = scratch / f"ideal-{tag}.json"
-    cmd = [str(PY), str(HERE / "ideal.py"), CONFIG, *COMMON, *overrides, "--threads", str(threads), "--json", str(js)]
+    cmd = [str(PY), str(HERE / "ideal.py"), config, *COMMON, *overrides, "--threads", str(threads), "--json", str(js)]
     wall = _run(cmd, scratch / f"ideal-{tag}.log")
     res = json.loads(js.read_text())
     res["process_wall_s"] = wall
     return _finish(res)
 
 
-def run_flower(overrides: list[str], scratch: Path, tag: str) -> dict:
+def run_flower(overrides: list[str], scratch: Path, tag: str, config: str = CONFIG) -> dict:
     js = scratch / f"flower-{tag}.json"
-    cmd = [str(FLOWER_PY), str(HERE / "flower_app.py"), CONFIG, *COMMON, *overrides, "--json", str(js)]
+    cmd = [str(FLOWER_PY), str(HERE / "flower_app.py"), config, *COMMON, *overrides, "--json", str(js)]
     wall = _run(cmd, scratch / f"flower-{tag}.log")
     res = json.loads(js.read_text())
     res["process_wall_s"] = wall
@@ -178,18 +191,21 @@ SIDES = {"raysim": run_raysim, "ideal": run_ideal, "flower": run_flower}
 METRICS = ("steady_round_s", "mean_round_s", "first_round_s", "after_imports_s", "process_wall_s", "peak_memory_mb")
 
 
-def compare(name: str, overrides: list[str], sides: list[str], pairs: int, scratch: Path, extra=None, side_kwargs=None) -> dict:
+def compare(name: str, overrides: list[str], sides: list[str], pairs: int, scratch: Path, extra=None, side_kwargs=None,
+            config: str = CONFIG) -> dict:
     """Runs the sides alternately (A B A B ...) and takes medians per side."""
     extra = extra or {}
-    log(f"== {name}: {' vs '.join(sides)}, {pairs} pair(s): {' '.join(overrides)}")
+    log(f"== {name}: {' vs '.join(sides)}, {pairs} pair(s): {config} {' '.join(overrides)}")
     runs: dict[str, list[dict]] = {s: [] for s in sides}
     for i in range(pairs):
         for s in sides:
-            runs[s].append(SIDES[s](overrides + extra.get(s, []), scratch, f"{name}-{i}", **(side_kwargs or {}).get(s, {})))
+            kw = {"config": config, **(side_kwargs or {}).get(s, {})}
+            runs[s].append(SIDES[s](overrides + extra.get(s, []), scratch, f"{name}-{i}", **kw))
     med = {s: {m: statistics.median(r[m] for r in runs[s]) for m in METRICS} for s in sides}
     norms = {s: runs[s][-1]["adapter_norm"] for s in sides}
     ref = norms[sides[0]]
     out = {
+        "config": config,
         "overrides": overrides,
         "extra_overrides": extra,
         "pairs": pairs,
@@ -225,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="raysim vs the ideal loop vs Flower (see the module docstring)")
     ap.add_argument("--quick", action="store_true", help="tiny setting: 12 clients, 3 per round, 2 rounds, 1 pair")
     ap.add_argument("--pairs", type=int, default=3)
-    ap.add_argument("--only", default="assignment,a,b,c,e", help="comma list of: assignment a b c e (d comes from b)")
+    ap.add_argument("--only", default="assignment,a,b,c,c2,e", help="comma list of: assignment a b c c2 e (d comes from b)")
     ap.add_argument("--assignment", choices=["sticky", "balanced"], help="skip the A/B and use this one")
     ap.add_argument(
         "--ideal-threads", default="auto",
@@ -396,6 +412,22 @@ def full(args, have_flower: bool, scratch: Path, save=lambda r: None) -> dict:
         c["params"] = count_params(ov)
 
     save(res)
+    if "c2" in only:
+        # Builds the resident once first: this also aligns the MiniLM base (cached) if it is
+        # not in $RAYSIM_CACHE yet, which must not land in a timed run.
+        params = count_params(C2, FEDLARGE)
+        sides = ["raysim", "flower", "ideal"] if have_flower else ["raysim", "ideal"]
+        c2 = compare("c2", C2, sides, pairs, scratch, ra, config=FEDLARGE)
+        res["c2"] = c2
+        c2["params"] = params
+        if have_flower:
+            m = c2["median"]
+            sp = m["flower"]["steady_round_s"] / m["raysim"]["steady_round_s"]
+            bound = m["flower"]["steady_round_s"] / m["ideal"]["steady_round_s"]
+            c2["speedup"], c2["ideal_speedup"] = sp, bound
+            goal("c2_round", sp >= 3.0, f"{sp:.2f}x (the ideal loop: {bound:.2f}x)")
+
+    save(res)
     if "e" in only:
         ov = ["clients.total=1000", "clients.per_round=1000", "rounds=2", f"runtime.assignment={assignment}"]
         log("== e: 1,000 clients, all of them every round, 2 rounds (one run)")
@@ -406,15 +438,18 @@ def full(args, have_flower: bool, scratch: Path, save=lambda r: None) -> dict:
     return res
 
 
-def count_params(overrides: list[str]) -> dict:
+def count_params(overrides: list[str], config: str = CONFIG) -> dict:
     code = (
         "import sys,json;from raysim.config import load_config;from raysim.data import FederatedData;"
-        "from raysim import vlm_lora as v;c=load_config(sys.argv[1],sys.argv[2:]);"
-        "d=FederatedData(c.data,c.clients.total,c.model.max_text_len,c.seed);m=v.build_resident(c,d).model;"
+        "from raysim import vlm_lora as v;c=load_config(sys.argv[1],sys.argv[2:]);\n"
+        "if c.algorithm.name=='fedlarge':\n"
+        " from raysim.algorithms.fedlarge import FedLarge;m=FedLarge(c).build_resident().model\n"
+        "else:\n"
+        " d=FederatedData(c.data,c.clients.total,c.model.max_text_len,c.seed);m=v.build_resident(c,d).model\n"
         "print(json.dumps({'total':sum(p.numel() for p in m.parameters()),"
         "'trainable':sum(p.numel() for p in m.parameters() if p.requires_grad)}))"
     )
-    out = subprocess.run([str(PY), "-c", code, CONFIG, *overrides], cwd=ROOT, env=_env(), capture_output=True, text=True)
+    out = subprocess.run([str(PY), "-c", code, config, *overrides], cwd=ROOT, env=_env(), capture_output=True, text=True)
     try:
         return json.loads(out.stdout.strip().splitlines()[-1])
     except (IndexError, ValueError):

