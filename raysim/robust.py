@@ -83,6 +83,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -354,12 +355,6 @@ def geometric_median(
     return _unflat(z, updates[0])
 
 
-def _median(values: Sequence[float]) -> float:
-    v = sorted(values)
-    n = len(v)
-    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
-
-
 def norm_screen_select(updates: Sequence[Tensors], max_ratio: float) -> list[int]:
     """Indices (ascending) of the updates whose L2 norm is at most ``max_ratio`` x the median norm."""
     _check_same_layout(updates)
@@ -368,7 +363,7 @@ def norm_screen_select(updates: Sequence[Tensors], max_ratio: float) -> list[int
     norms = [global_norm(u) for u in updates]
     if not all(math.isfinite(v) for v in norms):
         raise ValueError("an update has a NaN/Inf norm: screen out NaN/Inf first")
-    bound = max_ratio * _median(norms)
+    bound = max_ratio * statistics.median(norms)
     return [i for i, v in enumerate(norms) if v <= bound]
 
 
@@ -418,7 +413,7 @@ def cosine_filter_clip(updates: Sequence[Tensors], weights: Sequence[float], thr
     if not all(math.isfinite(v) for v in norms):
         raise ValueError("an update has a NaN/Inf norm: screen out NaN/Inf first")
     keep = cosine_filter_select(updates, threshold)
-    bound = _median(norms)
+    bound = statistics.median(norms)
     total = sum(weights[i] for i in keep)
     out: Tensors = {}
     if not keep or total <= 0 or bound <= 0:
