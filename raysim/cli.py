@@ -163,7 +163,6 @@ def _run(cfg, args) -> int:
     resume = "auto" if args.auto_resume else args.resume
     load_engine = functools.partial(_load_engine, cfg, args.config)
 
-    from actors.worker import peak_rss_mb
     from raysim.memory import PeakMemorySampler
 
     # Sampled from the start: the peak of the whole process tree (Ray, workers) lands in summary.json.
@@ -179,9 +178,11 @@ def _run(cfg, args) -> int:
         else:
             import ray
 
-            from actors.driver import Driver
-
             engine_cls = _start_ray(cfg, load_engine)
+            # Imported after Ray started: both import torch.
+            from actors.driver import Driver
+            from actors.worker import peak_rss_mb
+
             driver = Driver.remote(engine_cls, cfg.to_dict(), run_dir, resume, staging)
             cli_rss = peak_rss_mb
 

@@ -6,9 +6,12 @@ exist without any download.
 """
 from __future__ import annotations
 
+import gzip
+import importlib.util
 import re
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -71,14 +74,28 @@ class PairData:
         return PairData(self.images[idx], self.labels[idx], self.input_ids[idx], self.attention_mask[idx])
 
 
-def load_digits_pairs(image_size: int, tokenizer: WordTokenizer, seed: int = 0) -> tuple[PairData, list[str]]:
-    from sklearn.datasets import load_digits
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits, (1797, 8, 8) images and labels, read from the CSV the package
+    ships, as `sklearn.datasets.load_digits` reads it. Importing sklearn costs ~1.2 s (it
+    imports scipy.stats), paid by the driver and every worker on their way to round 1."""
+    spec = importlib.util.find_spec("sklearn")  # finds the package without importing it
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+    if not path.is_file():  # a layout this reader does not know: the library's loader
+        from sklearn.datasets import load_digits
 
-    digits = load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+        digits = load_digits()
+        return digits.images, digits.target
+    with gzip.open(path, "rt") as f:
+        data = np.loadtxt(f, delimiter=",")
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
+
+
+def load_digits_pairs(image_size: int, tokenizer: WordTokenizer, seed: int = 0) -> tuple[PairData, list[str]]:
+    images, targets = digits_arrays()
+    x = torch.tensor(images, dtype=torch.float32).unsqueeze(1) / 16.0
     x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
     x = (x * 2 - 1).repeat(1, 3, 1, 1).contiguous()
-    labels = torch.tensor(digits.target, dtype=torch.long)
+    labels = torch.tensor(targets, dtype=torch.long)
     rng = np.random.default_rng(seed)
     templates = rng.integers(0, len(CAPTION_TEMPLATES), size=len(labels))
     captions = [CAPTION_TEMPLATES[t].format(DIGIT_WORDS[y]) for t, y in zip(templates, labels.tolist())]

@@ -90,3 +90,16 @@ def test_client_sampling():
     assert a == sample_clients(0, 3, 100, 10) and a == sorted(set(a)) and len(a) == 10
     assert a != sample_clients(0, 4, 100, 10)
     assert set(sample_clients(0, 3, 100, 10, exclude=set(a))).isdisjoint(a)
+
+
+def test_digits_read_without_sklearn_equal_sklearns_loader():
+    from sklearn.datasets import load_digits
+
+    from raysim.data import digits_arrays
+
+    images, targets = digits_arrays()
+    reference = load_digits()
+    assert images.shape == (1797, 8, 8)
+    np.testing.assert_array_equal(images, reference.images)
+    np.testing.assert_array_equal(targets, reference.target)
+    assert targets.dtype == reference.target.dtype
