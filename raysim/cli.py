@@ -168,13 +168,19 @@ def _run(cfg, args) -> int:
     # Sampled from the start: the peak of the whole process tree (Ray, workers) lands in summary.json.
     with PeakMemorySampler() as memory:
         cli_rss = lambda: 0.0  # noqa: E731 - the engine's process reports its own peak
+        in_process = None  # the engine, when it runs in this process
+        started_ray = False
         if rt.num_workers == 0 or rt.driver == "process":  # the round loop runs in this process
             if rt.num_workers == 0:
                 engine = load_engine()(cfg.to_dict(), str(out), resume, staging)
             else:
+                import ray
+
+                started_ray = not ray.is_initialized()  # else the caller's Ray (tests, notebooks): left running
                 engine = _start_ray(cfg, load_engine)(cfg.to_dict(), run_dir, resume, staging)
             call = lambda method, *a: getattr(engine, method)(*a)  # noqa: E731
             shutdown = lambda: None  # noqa: E731
+            in_process = engine
         else:
             import ray
 
@@ -201,16 +207,23 @@ def _run(cfg, args) -> int:
         _show(console, status["last"], cfg.rounds)
         while not call("done"):
             _show(console, call("run_round"), cfg.rounds)
-        summary = call("finish", cli_rss(), memory.sample())
+        # In this process the curves are drawn while Ray shuts down (Engine.finish, wait=False).
+        summary = call("finish", cli_rss(), memory.sample(), in_process is None)
         shutdown()
-    if args.timeline:
-        if rt.num_workers:
-            import ray
+        if args.timeline:
+            if rt.num_workers:
+                import ray
 
-            ray.timeline(filename=args.timeline)
-            console.print(f"timeline: {args.timeline}")
-        else:
-            console.print("--timeline needs Ray (runtime.num_workers > 0); local mode has no Ray tasks")
+                ray.timeline(filename=args.timeline)
+                console.print(f"timeline: {args.timeline}")
+            else:
+                console.print("--timeline needs Ray (runtime.num_workers > 0); local mode has no Ray tasks")
+        if in_process is not None:
+            if started_ray:
+                import ray
+
+                ray.shutdown()
+            in_process.close()
     console.print(summary_table(summary))
     console.print(f"run directory: {out}")
     return 0

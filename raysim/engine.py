@@ -8,6 +8,7 @@ import functools
 import json
 import math
 import os
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -131,6 +132,8 @@ class Engine:
         self.run = RunDir(run_dir, staging)
         resume = self.run.prepare(cfg, resume)
         self.sync_s = 0.0
+        self._closing: threading.Thread | None = None  # finish()'s curves and last upload
+        self._closing_error: BaseException | None = None
         if hasattr(self.algorithm, "client_reference"):  # screening, robust rules, DP, SecAgg
             self.algorithm = Guarded(self.algorithm, cfg)
         self.guard = self.algorithm if isinstance(self.algorithm, Guarded) else None
@@ -305,14 +308,13 @@ class Engine:
             self.sync_s += self.run.sync()
         return record
 
-    def finish(self, cli_peak_rss_mb: float = 0.0, run_peak_pss_mb: float | None = None) -> dict:
+    def finish(self, cli_peak_rss_mb: float = 0.0, run_peak_pss_mb: float | None = None, wait: bool = True) -> dict:
         """`cli_peak_rss_mb`: the CLI process when it is not this one (Ray mode);
-        `run_peak_pss_mb`: the CLI's sampler over every process of the run."""
-        from raysim.report import write_curves
-
+        `run_peak_pss_mb`: the CLI's sampler over every process of the run. With
+        `wait=False` curves.png is drawn in a thread (matplotlib: ~1 s) while the caller
+        shuts Ray down (~1 s of waiting for its processes), and `close()` joins it."""
         if hasattr(self.algorithm, "save_final"):
             self.algorithm.save_final(self.state, self.run.path)
-        write_curves(self.history, self.run.path / "curves.png")
         metric_keys = [k for k in self.history[0] if isinstance(self.history[0][k], float) and not k.endswith("_s")]
         evaluated = [h for h in self.history if all(k in h for k in metric_keys)]
         workers = self.pool.peak_rss_mb()
@@ -338,8 +340,29 @@ class Engine:
             summary.update(self.algorithm.summary_extra(self.history))
         (self.run.path / "summary.json").write_text(json.dumps(summary, indent=1))
         self.pool.shutdown()
-        self.run.sync()
+        self._closing = threading.Thread(target=self._draw_and_sync, name="raysim-curves")
+        self._closing.start()
+        if wait:
+            self.close()
         return summary
+
+    def _draw_and_sync(self) -> None:
+        from raysim.report import write_curves
+
+        try:
+            write_curves(self.history, self.run.path / "curves.png")
+            self.run.sync()  # a URL run directory: its last upload, curves included
+        except BaseException as err:  # noqa: BLE001 - re-raised by close(), in the caller's thread
+            self._closing_error = err
+
+    def close(self) -> None:
+        """Wait for finish()'s curves and last upload; re-raise what failed there."""
+        if self._closing is not None:
+            self._closing.join()
+            self._closing = None
+        err, self._closing_error = self._closing_error, None
+        if err is not None:
+            raise err
 
 
 def _warm_start(rt, groups) -> bool:
