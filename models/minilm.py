@@ -105,7 +105,8 @@ class MeanPoolDualEncoder(VisionTextDualEncoderModel):
             text_model = AutoModel.from_config(config.text_config, **kwargs)
         super().__init__(config, vision_model, text_model)
 
-    def embed_text(self, input_ids, attention_mask, token_type_ids=None, position_ids=None):
+    def pool_text(self, input_ids, attention_mask, token_type_ids=None, position_ids=None):
+        """The text tower's output and its masked mean (before the projection)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         out = self.text_model(
@@ -115,7 +116,11 @@ class MeanPoolDualEncoder(VisionTextDualEncoderModel):
             position_ids=position_ids,
             return_dict=True,
         )
-        return out, self.text_projection(mean_pool(out.last_hidden_state, attention_mask))
+        return out, mean_pool(out.last_hidden_state, attention_mask)
+
+    def embed_text(self, input_ids, attention_mask, token_type_ids=None, position_ids=None):
+        out, pooled = self.pool_text(input_ids, attention_mask, token_type_ids, position_ids)
+        return out, self.text_projection(pooled)
 
     def embed_image(self, pixel_values):
         out = self.vision_model(pixel_values=pixel_values, return_dict=True)
@@ -130,9 +135,14 @@ class MeanPoolDualEncoder(VisionTextDualEncoderModel):
         return BaseModelOutputWithPooling(last_hidden_state=out.last_hidden_state, pooler_output=embeds)
 
     def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
-                return_loss=None, token_type_ids=None, **kwargs) -> CLIPOutput:
+                return_loss=None, token_type_ids=None, text_features=None, **kwargs) -> CLIPOutput:
+        """`text_features`: the captions' `pool_text` output, computed beforehand (a locked
+        text tower: frozen and in inference mode); the text tower is then not run."""
         vision_out, image_embeds = self.embed_image(pixel_values)
-        text_out, text_embeds = self.embed_text(input_ids, attention_mask, token_type_ids, position_ids)
+        if text_features is None:
+            text_out, text_embeds = self.embed_text(input_ids, attention_mask, token_type_ids, position_ids)
+        else:
+            text_out, text_embeds = None, self.text_projection(text_features)
         image_embeds = F.normalize(image_embeds, dim=-1)
         text_embeds = F.normalize(text_embeds, dim=-1)
         logits_per_text = text_embeds @ image_embeds.T * self.logit_scale.exp()

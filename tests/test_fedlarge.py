@@ -85,6 +85,72 @@ def test_minilm_dual_encoder_round_trips_through_the_loader(tmp_path, tower):
     torch.testing.assert_close(loaded.get_text_features(**batch).pooler_output, expect)
 
 
+def _minilm_algo(tmp_path, **extra):
+    """FedLarge on a MiniLM dual encoder with a tiny untrained image tower, saved to tmp_path
+    (no central alignment: these tests compare training paths, not accuracy)."""
+    over = {"algorithm.options.base": "minilm", "algorithm.options.quality": "none",
+            "algorithm.options.caption_noise.clients": "[]", "clients.total": 6, "train.local_epochs": 2}
+    algo = fedlarge.FedLarge(load_config(CONFIG, tiny_overrides(**{**over, **extra})))
+    base = tmp_path / "base"
+    if not base.is_dir():
+        vision = minilm.image_tower_config("vit", image_size=algo.cfg.data.image_size, patch_size=8, hidden_size=16,
+                                           num_layers=1, num_heads=2, intermediate_size=32)
+        minilm.save_with_tokenizer(minilm.build_minilm_dual_encoder(vision, projection_dim=8, seed=0), base,
+                                   minilm.load_minilm_tokenizer())
+    algo.__dict__["base_dir"] = base
+    return algo
+
+
+def _client_step(algo, res, cid=1, rnd=1):
+    from actors.protocol import Broadcast, ClientContext
+
+    ctx = ClientContext(cid, rnd, 1234 + cid, None, res, {})
+    return algo.client_step(ctx, Broadcast(round=rnd, tensors=algo.init_server())).tensors
+
+
+def test_locked_text_tower_features_are_computed_once_and_change_nothing_else(tmp_path):
+    """The locked tower's cached features give the adapter of running the (locked, inference
+    mode) tower inside every forward pass; without the lock the tower's dropout is on."""
+    algo = _minilm_algo(tmp_path)
+    res = algo.build_resident()
+    assert fedlarge.locked_text_tower(res.model) is not None
+    cached = _client_step(algo, res)
+    features = res.text_features[1]
+    assert features.shape == (len(res.data.client(1)), 384)
+    _client_step(algo, res, rnd=2)
+    assert res.text_features[1] is features  # reused, not recomputed
+
+    # The same training, the tower run in every forward pass (what DeepSpeed does).
+    ref = algo.build_resident()
+    trainer = fedlarge.TorchTrainer(ref.model, algo.name, algo.opts, ref.device)
+    t = algo.cfg.train
+    trainer.start(algo.init_server(), t.lr, t.weight_decay, None)
+    data = ref.data.client(1)
+    fedlarge.train_batches(trainer, data, torch.ones(len(data)), 1234 + 1, t, ref.device, "fp32")
+    assert not ref.text_features
+    for k, v in trainer.finish()[0].items():
+        torch.testing.assert_close(cached[k], v, atol=1e-5, rtol=1e-4, msg=k)
+
+    trainer.train(True)  # a locked tower stays in inference mode while the rest trains
+    text_model = ref.model.get_base_model().text_model
+    assert not text_model.training and ref.model.get_base_model().vision_model.training
+
+    unlocked = _minilm_algo(tmp_path, **{"algorithm.options.lock_text_tower": "false"})
+    res_u = unlocked.build_resident()
+    assert fedlarge.locked_text_tower(res_u.model) is None
+    dropped = _client_step(unlocked, res_u)
+    assert not res_u.text_features
+    assert max((dropped[k] - cached[k]).abs().max().item() for k in cached) > 1e-4  # dropout in the tower
+
+
+def test_lora_in_the_text_tower_unlocks_it(tmp_path):
+    algo = _minilm_algo(tmp_path, **{"lora.target_modules": "[q_proj,v_proj,query,value]"})
+    res = algo.build_resident()
+    assert fedlarge.locked_text_tower(res.model) is None
+    _client_step(algo, res)
+    assert not res.text_features
+
+
 def _tiny_checkpoints():
     from transformers import (CLIPConfig, CLIPModel, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, SiglipConfig, SiglipModel, BertConfig, ViTConfig,

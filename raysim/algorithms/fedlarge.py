@@ -102,6 +102,12 @@ class Options(_Strict):
     rank_num_cpus: float = Field(1.0, gt=0)
     rank_num_gpus: int = Field(0, ge=0, description="GPUs per rank; > 0: nccl, else gloo on CPU")
     gradient_checkpointing: bool = False
+    # A text tower without trainable weights (base minilm; LoRA not on query/value) is
+    # locked, as in LiT: inference mode (no dropout), and with the torch backend its
+    # features of each client's captions are computed once per worker and reused, so
+    # training runs only the image tower and the projections. False: the frozen tower runs
+    # in train mode (dropout on) inside every forward pass.
+    lock_text_tower: bool = True
     # Data quality: scores from the frozen current global model.
     quality: Literal["none", "filter", "weight"] = "none"
     quality_every: int = Field(0, ge=0, description="re-score every K rounds; 0 = only before the first training")
@@ -327,6 +333,7 @@ class TorchTrainer:
 
     def train(self, mode: bool) -> None:
         self.model.train(mode)
+        keep_locked_tower_in_eval(self.model)
 
 
 class DeepSpeedTrainer:
@@ -400,6 +407,36 @@ class DeepSpeedTrainer:
 
     def train(self, mode: bool) -> None:
         self.engine.train(mode)
+        keep_locked_tower_in_eval(self.engine.module)
+
+
+def mark_locked_text_tower(base) -> bool:
+    """Lock a MiniLM dual encoder's text tower unless LoRA (or modules_to_save) put
+    trainable weights in it; whether it is locked."""
+    base.raysim_locked_text = not any(p.requires_grad for p in base.text_model.parameters())
+    return base.raysim_locked_text
+
+
+def locked_text_tower(model) -> torch.nn.Module | None:
+    """The text tower of a MiniLM dual encoder when it has no trainable weights and the
+    option lock_text_tower is on (marked by FedLarge.build_resident), else None."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.text_model if getattr(base, "raysim_locked_text", False) else None
+
+
+def keep_locked_tower_in_eval(model) -> None:
+    tower = locked_text_tower(model)
+    if tower is not None:
+        tower.eval()
+
+
+@torch.no_grad()
+def locked_text_features(model, data: PairData, batch_size: int, device: torch.device) -> torch.Tensor:
+    """The locked text tower's pooled features of `data`'s captions, (N, hidden), on the CPU."""
+    base = model.get_base_model()
+    out = [base.pool_text(data.input_ids[i:i + batch_size].to(device), data.attention_mask[i:i + batch_size].to(device))[1]
+           for i in range(0, len(data), batch_size)]
+    return torch.cat(out).cpu()
 
 
 def autocast(device: torch.device, precision: str):
@@ -416,14 +453,19 @@ def weighted_clip_loss(logits_per_image: torch.Tensor, weights: torch.Tensor) ->
     return (per_pair * weights).sum() / weights.sum()
 
 
-def _batch(data: PairData, rows, device) -> dict[str, torch.Tensor]:
+def _batch(data: PairData, rows, device, text_features: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    if text_features is not None:  # a locked text tower's features: the tower is not run
+        return {"pixel_values": data.images[rows].to(device), "text_features": text_features[rows].to(device)}
     return {"pixel_values": data.images[rows].to(device), "input_ids": data.input_ids[rows].to(device),
             "attention_mask": data.attention_mask[rows].to(device)}
 
 
 def train_batches(trainer, data: PairData, weights: torch.Tensor, seed: int, train, device: torch.device,
-                  precision: str, rank: int = 0, world_size: int = 1, logit_scale=None) -> list[float]:
-    """A client's local epochs; the batches are drawn from the seed. With world_size > 1
+                  precision: str, rank: int = 0, world_size: int = 1, logit_scale=None,
+                  text_features: torch.Tensor | None = None) -> list[float]:
+    """A client's local epochs; the batches are drawn from the seed. `text_features`: the
+    locked text tower's features of `data`'s rows (computed once; see locked_text_features).
+    With world_size > 1
     this is one rank of the client's group: every rank draws the same batches, forwards
     its contiguous share of each (shard_rows) and computes the whole batch's loss from the
     gathered embeddings (group_logits), so the group takes the one-process step."""
@@ -437,7 +479,7 @@ def train_batches(trainer, data: PairData, weights: torch.Tensor, seed: int, tra
                 continue
             rows = b if world_size == 1 else shard_rows(b, rank, world_size)
             with autocast(device, precision):
-                out = trainer.forward(**_batch(data, rows, device))
+                out = trainer.forward(**_batch(data, rows, device, text_features))
             if world_size == 1:
                 logits = out.logits_per_image.float()
             else:
@@ -636,6 +678,7 @@ class Resident:
     device: torch.device
     trainer: Any = None  # TorchTrainer or DeepSpeedTrainer, built on first use
     group: Any = None  # world_size > 1: the RankGroup that trains this worker's clients
+    text_features: dict[int, torch.Tensor] = field(default_factory=dict)  # client -> locked tower's features
 
 
 class FedLarge:
@@ -678,6 +721,8 @@ class FedLarge:
         lc = self.cfg.lora
         torch.manual_seed(self.cfg.seed)  # peft draws lora_A at random: make it the seed's
         model = add_lora(base, {self.name: lora_config(lc.r, lc.alpha, lc.dropout, lc.target_modules, lc.modules_to_save)})
+        if self.opts.lock_text_tower and self.opts.base == "minilm":
+            mark_locked_text_tower(base)
         model.eval()
         device = vlm_lora.resolve_device(device or self.cfg.runtime.device)
         return Resident(model.to(device), self.data, device)
@@ -809,7 +854,13 @@ class FedLarge:
             tensors, _, losses = results[0]
             moments = {f"rank{r}.{k}": v for r, (_, m, _) in enumerate(results) for k, v in m.items()}
         else:
-            losses = train_batches(trainer, data, weights, ctx.seed, t, res.device, o.precision)
+            features = None
+            if isinstance(trainer, TorchTrainer) and locked_text_tower(res.model) is not None:
+                if ctx.client_id not in res.text_features:  # the client's captions never change in a run
+                    res.text_features[ctx.client_id] = locked_text_features(
+                        res.model, res.data.client(ctx.client_id), self.cfg.eval.batch_size, res.device)
+                features = res.text_features[ctx.client_id][rows]
+            losses = train_batches(trainer, data, weights, ctx.seed, t, res.device, o.precision, text_features=features)
             tensors, moments = trainer.finish()
         if t.keep_optimizer_state:
             ctx.state["optimizer"] = moments
