@@ -108,6 +108,9 @@ class WorkerGroup:
     resources: dict[str, float] = field(default_factory=dict)
 
 
+MONITOR = "monitor"  # the workers' concurrency group for calls that only read
+
+
 class RayPool:
     """A pool of ClientWorker actors in worker groups (one group unless clients come in
     families with their own resources): a client only ever runs on a worker of its group
@@ -174,6 +177,9 @@ class RayPool:
             )  # fmt: skip
 
         args = (seed_fn, state_root, torch_threads, state_memory_bytes, keep_versions)
+        # pid / peak memory / store stats answer from their own thread, even while the worker
+        # runs a straggler (the default group still runs one call at a time)
+        worker_actor = ray.remote(concurrency_groups={MONITOR: 1})(ClientWorker)
         self.placement_group = None
         if placement == "dedicated":
             # One bundle per client actor (its group's resources), reserved together: the run
@@ -188,7 +194,7 @@ class RayPool:
                 bundles.append({k: v for k, v in bundle.items() if v})
             self.placement_group = placement_group(bundles, strategy=placement_strategy, name="raysim-clients")
             self.workers = [
-                ray.remote(ClientWorker)
+                worker_actor
                 .options(
                     **options(g),
                     scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=i),
@@ -198,7 +204,7 @@ class RayPool:
             ]
         else:
             self.workers = [
-                ray.remote(ClientWorker).options(**options(g)).remote(algorithm, i, *args) for i, g in enumerate(self.group_of)
+                worker_actor.options(**options(g)).remote(algorithm, i, *args) for i, g in enumerate(self.group_of)
             ]
         self.ready: set[int] = set()  # workers that take clients
         self.dead: set[int] = set()  # gone for good (restarts exhausted)
@@ -509,7 +515,7 @@ class RayPool:
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                return ray.get([w.pid.remote() for w in self.workers])
+                return ray.get([w.pid.options(concurrency_group=MONITOR).remote() for w in self.workers])
             except ActorUnavailableError:
                 if time.monotonic() > deadline:
                     raise
@@ -518,12 +524,12 @@ class RayPool:
     def peak_rss_mb(self) -> list[float]:
         import ray
 
-        return ray.get([self.workers[w].peak_rss_mb.remote() for w in self.refresh()])
+        return ray.get([self.workers[w].peak_rss_mb.options(concurrency_group=MONITOR).remote() for w in self.refresh()])
 
     def store_stats(self) -> list[dict]:
         import ray
 
-        return ray.get([self.workers[w].store_stats.remote() for w in self.refresh()])
+        return ray.get([self.workers[w].store_stats.options(concurrency_group=MONITOR).remote() for w in self.refresh()])
 
     def shutdown(self) -> None:
         import ray

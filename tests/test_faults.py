@@ -29,7 +29,7 @@ def test_worker_sigkilled_every_round_changes_nothing(tmp_path, ray_cluster):
     # however fast the machine is; the pause changes no result.
     slow = "{" + ", ".join(f"{c}: 0.3" for c in range(20)) + "}"
     over = {
-        "rounds": 10,
+        "rounds": 6,
         "clients.per_round": 6,
         "train.local_epochs": 1,
         "runtime.num_workers": 2,
@@ -61,7 +61,7 @@ def test_worker_sigkilled_every_round_changes_nothing(tmp_path, ray_cluster):
         if rec["worker_failures"]:
             assert rec["requeued"] and set(rec["requeued"]) <= set(rec["clients"])
     faulty.pool.shutdown()
-    assert kills >= 8, f"only {kills} of 10 kills landed mid-round"
+    assert kills >= 5, f"only {kills} of 6 kills landed mid-round"
     # every round used the same clients, and the fold is exact: bit-identical models
     for a, b in zip(clean.history, faulty.history):
         assert a["clients"] == b["clients"]
