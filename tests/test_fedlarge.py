@@ -131,6 +131,12 @@ def test_locked_text_tower_features_are_computed_once_and_change_nothing_else(tm
     for k, v in trainer.finish()[0].items():
         torch.testing.assert_close(cached[k], v, atol=1e-5, rtol=1e-4, msg=k)
 
+    # Quality scores from the cached features are the scores of running the tower.
+    trainer.train(False)
+    torch.testing.assert_close(
+        fedlarge.pair_scores(trainer.forward, data, 256, ref.device, text_features=features),
+        fedlarge.pair_scores(trainer.forward, data, 256, ref.device), atol=1e-6, rtol=1e-5)
+
     trainer.train(True)  # a locked tower stays in inference mode while the rest trains
     text_model = ref.model.get_base_model().text_model
     assert not text_model.training and ref.model.get_base_model().vision_model.training
@@ -141,6 +147,22 @@ def test_locked_text_tower_features_are_computed_once_and_change_nothing_else(tm
     dropped = _client_step(unlocked, res_u)
     assert not res_u.text_features
     assert max((dropped[k] - cached[k]).abs().max().item() for k in cached) > 1e-4  # dropout in the tower
+
+
+def test_quality_weighting_scores_a_locked_tower_from_its_cached_features(tmp_path):
+    from actors.protocol import Broadcast, ClientContext
+
+    algo = _minilm_algo(tmp_path, **{"algorithm.options.quality": "weight", "algorithm.options.filter_threshold": 0,
+                                     "algorithm.options.quality_every": 1})
+    res = algo.build_resident()
+    ctx = ClientContext(1, 1, 1235, None, res, {})
+    algo.client_step(ctx, Broadcast(round=1, tensors=algo.init_server()))
+    assert 1 in res.text_features  # computed before scoring, reused for training
+    ref = algo.build_resident()
+    fedlarge.activate(ref.model, algo.name)
+    ref.model.eval()
+    expect = fedlarge.pair_scores(ref.model, ref.data.client(1), algo.cfg.eval.batch_size, ref.device)
+    torch.testing.assert_close(ctx.state["quality"]["scores"], expect, atol=1e-6, rtol=1e-5)
 
 
 def test_lora_in_the_text_tower_unlocks_it(tmp_path):

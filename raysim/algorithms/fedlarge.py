@@ -591,15 +591,17 @@ class GroupRank:
 # --- data quality --------------------------------------------------------------------
 
 @torch.no_grad()
-def pair_scores(forward, data: PairData, batch_size: int, device: torch.device, precision: str = "fp32") -> torch.Tensor:
+def pair_scores(forward, data: PairData, batch_size: int, device: torch.device, precision: str = "fp32",
+                text_features: torch.Tensor | None = None) -> torch.Tensor:
     """Each pair's image-caption cosine minus the image's mean cosine to the other local
     captions. The subtraction removes a per-image offset (some images sit closer to all
     text than others), so the score asks "is this caption better than a random one for
-    this image?", which is what a shuffled caption fails."""
+    this image?", which is what a shuffled caption fails. `text_features`: a locked text
+    tower's features of `data`'s captions (the tower is then not run)."""
     img, txt = [], []
     for s in range(0, len(data), batch_size):
         with autocast(device, precision):
-            out = forward(**_batch(data, slice(s, s + batch_size), device))
+            out = forward(**_batch(data, slice(s, s + batch_size), device, text_features))
         img.append(F.normalize(out.image_embeds.float(), dim=-1).cpu())
         txt.append(F.normalize(out.text_embeds.float(), dim=-1).cpu())
     img, txt = torch.cat(img), torch.cat(txt)
@@ -824,7 +826,7 @@ class FedLarge:
         """What this client was sent: its update is its result minus this."""
         return msg.tensors
 
-    def _weights(self, ctx: ClientContext, trainer, data: PairData) -> torch.Tensor:
+    def _weights(self, ctx: ClientContext, trainer, data: PairData, features: torch.Tensor | None) -> torch.Tensor:
         """Quality weights of the client's pairs, re-scored by the current global model
         (already loaded) when the client has no scores or they are `quality_every` old."""
         o = self.opts
@@ -834,7 +836,8 @@ class FedLarge:
         stale = q is None or (o.quality_every and ctx.round - int(q["round"]) >= o.quality_every)
         if stale:
             trainer.train(False)
-            scores = pair_scores(trainer.forward, data, self.cfg.eval.batch_size, ctx.resident.device, o.precision)
+            scores = pair_scores(trainer.forward, data, self.cfg.eval.batch_size, ctx.resident.device, o.precision,
+                                 features)
             q = ctx.state["quality"] = {"scores": scores, "round": torch.tensor(ctx.round)}
         return quality_weights(q["scores"], o)
 
@@ -846,7 +849,13 @@ class FedLarge:
         trainer.start(msg.tensors, t.lr, t.weight_decay, None if grouped else moments)
         data = res.data.client(ctx.client_id)
         n_local = len(data)
-        weights = self._weights(ctx, trainer, data)
+        features = None  # the locked text tower's features of the client's captions
+        if not grouped and isinstance(trainer, TorchTrainer) and locked_text_tower(res.model) is not None:
+            if ctx.client_id not in res.text_features:  # the client's captions never change in a run
+                res.text_features[ctx.client_id] = locked_text_features(res.model, data, self.cfg.eval.batch_size,
+                                                                        res.device)
+            features = res.text_features[ctx.client_id]
+        weights = self._weights(ctx, trainer, data, features)
         rows = torch.nonzero(weights > 0).flatten()  # filtered pairs are not even loaded
         data, weights = data.subset(rows), weights[rows]
         if grouped:
@@ -854,13 +863,8 @@ class FedLarge:
             tensors, _, losses = results[0]
             moments = {f"rank{r}.{k}": v for r, (_, m, _) in enumerate(results) for k, v in m.items()}
         else:
-            features = None
-            if isinstance(trainer, TorchTrainer) and locked_text_tower(res.model) is not None:
-                if ctx.client_id not in res.text_features:  # the client's captions never change in a run
-                    res.text_features[ctx.client_id] = locked_text_features(
-                        res.model, res.data.client(ctx.client_id), self.cfg.eval.batch_size, res.device)
-                features = res.text_features[ctx.client_id][rows]
-            losses = train_batches(trainer, data, weights, ctx.seed, t, res.device, o.precision, text_features=features)
+            losses = train_batches(trainer, data, weights, ctx.seed, t, res.device, o.precision,
+                                   text_features=None if features is None else features[rows])
             tensors, moments = trainer.finish()
         if t.keep_optimizer_state:
             ctx.state["optimizer"] = moments
