@@ -29,6 +29,7 @@ import argparse
 import json
 import shutil
 import time
+from statistics import fmean as mean
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -128,11 +129,12 @@ def load_run(variant: str, seed: int) -> tuple[list[dict], dict]:
     return [h for h in hist if "accuracy" in h], json.loads((run / "contribution.json").read_text())
 
 
-def mean(xs) -> float:
-    return sum(xs) / len(xs)
+def totals(stats: dict, seeds: list[int]) -> dict:
+    """Each filter variant's counts summed over the seeds."""
+    return {v: {k: sum(stats[v, s][k] for s in seeds) for k in stats[v, seeds[0]]} for v in {v for v, _ in stats}}
 
 
-def section(runs: dict, stats: dict, rounds: int, seeds: list[int], wall: float) -> str:
+def section(runs: dict, total: dict, rounds: int, seeds: list[int], wall: float) -> str:
     seed_args = " ".join(map(str, seeds))
     lines = [
         BEGIN,
@@ -163,7 +165,6 @@ def section(runs: dict, stats: dict, rounds: int, seeds: list[int], wall: float)
         "| filter | pairs scored | mismatched | dropped | precision | recall | share of clean clients' pairs dropped |",
         "|---|---|---|---|---|---|---|",
     ]
-    total = {v: {k: sum(stats[v, s][k] for s in seeds) for k in stats[v, seeds[0]]} for v in stats_variants(stats)}
     for v in ("filter", "quantile"):
         t = total[v]
         name = LABELS[v].removeprefix("noisy, filter: ")
@@ -185,7 +186,7 @@ def section(runs: dict, stats: dict, rounds: int, seeds: list[int], wall: float)
     ]
     for s in seeds:
         lines.append(f"| {s} | {runs['none', s][1]['ranking']} |")
-    lines += ["", reading(runs, stats, seeds), "", HISTORY, END]
+    lines += ["", reading(runs, total, seeds), "", HISTORY, END]
     return "\n".join(lines)
 
 
@@ -225,11 +226,7 @@ def verdict(gain: float, wins: int, n: int) -> str:
     return "no improvement (within a point)" if gain > -0.01 else "worse"
 
 
-def stats_variants(stats: dict) -> list[str]:
-    return sorted({v for v, _ in stats})
-
-
-def reading(runs: dict, stats: dict, seeds: list[int]) -> str:
+def reading(runs: dict, total: dict, seeds: list[int]) -> str:
     """What the numbers say, computed from them so a re-run cannot contradict the text."""
     acc = {v: [runs[v, s][0][-1]["accuracy"] for s in seeds] for v in VARIANTS}
     gap = mean(acc["none"]) - mean(acc["clean"])
@@ -237,7 +234,7 @@ def reading(runs: dict, stats: dict, seeds: list[int]) -> str:
     gain_q = mean(acc["quantile"]) - mean(acc["none"])
     gain_w = mean(acc["weight"]) - mean(acc["none"])
     wins_w = sum(w > n for w, n in zip(acc["weight"], acc["none"]))
-    t = {k: sum(stats["filter", s][k] for s in seeds) for k in stats["filter", seeds[0]]}
+    t = total["filter"]
     wins = sum(f > n for f, n in zip(acc["filter"], acc["none"]))
     recovered = gain / -gap if gap < 0 else float("nan")
     ranks = {s: sorted(r.index(c) + 1 for c in NOISY if c in r) for s in seeds for r in [runs["none", s][1]["ranking"]]}
@@ -314,7 +311,7 @@ def main() -> None:
     for (v, s), (evals, contrib) in runs.items():
         print(v, s, "final accuracy", round(evals[-1]["accuracy"], 4), "ranking", contrib.get("ranking"))
     print(stats)
-    write_section(section(runs, stats, args.rounds, args.seeds, wall))
+    write_section(section(runs, totals(stats, args.seeds), args.rounds, args.seeds, wall))
 
 
 if __name__ == "__main__":

@@ -102,10 +102,11 @@ def _minilm_algo(tmp_path, **extra):
 
 
 def _client_step(algo, res, cid=1, rnd=1):
+    """One client step from the initial adapter; its adapter and the client's state after it."""
     from actors.protocol import Broadcast, ClientContext
 
     ctx = ClientContext(cid, rnd, 1234 + cid, None, res, {})
-    return algo.client_step(ctx, Broadcast(round=rnd, tensors=algo.init_server())).tensors
+    return algo.client_step(ctx, Broadcast(round=rnd, tensors=algo.init_server())).tensors, ctx.state
 
 
 def test_locked_text_tower_features_are_computed_once_and_change_nothing_else(tmp_path):
@@ -114,7 +115,7 @@ def test_locked_text_tower_features_are_computed_once_and_change_nothing_else(tm
     algo = _minilm_algo(tmp_path)
     res = algo.build_resident()
     assert fedlarge.locked_text_tower(res.model) is not None
-    cached = _client_step(algo, res)
+    cached, _ = _client_step(algo, res)
     features = res.text_features[1]
     assert features.shape == (len(res.data.client(1)), 384)
     _client_step(algo, res, rnd=2)
@@ -144,25 +145,22 @@ def test_locked_text_tower_features_are_computed_once_and_change_nothing_else(tm
     unlocked = _minilm_algo(tmp_path, **{"algorithm.options.lock_text_tower": "false"})
     res_u = unlocked.build_resident()
     assert fedlarge.locked_text_tower(res_u.model) is None
-    dropped = _client_step(unlocked, res_u)
+    dropped, _ = _client_step(unlocked, res_u)
     assert not res_u.text_features
     assert max((dropped[k] - cached[k]).abs().max().item() for k in cached) > 1e-4  # dropout in the tower
 
 
 def test_quality_weighting_scores_a_locked_tower_from_its_cached_features(tmp_path):
-    from actors.protocol import Broadcast, ClientContext
-
     algo = _minilm_algo(tmp_path, **{"algorithm.options.quality": "weight", "algorithm.options.filter_threshold": 0,
                                      "algorithm.options.quality_every": 1})
     res = algo.build_resident()
-    ctx = ClientContext(1, 1, 1235, None, res, {})
-    algo.client_step(ctx, Broadcast(round=1, tensors=algo.init_server()))
+    _, state = _client_step(algo, res)
     assert 1 in res.text_features  # computed before scoring, reused for training
     ref = algo.build_resident()
     fedlarge.activate(ref.model, algo.name)
     ref.model.eval()
     expect = fedlarge.pair_scores(ref.model, ref.data.client(1), algo.cfg.eval.batch_size, ref.device)
-    torch.testing.assert_close(ctx.state["quality"]["scores"], expect, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(state["quality"]["scores"], expect, atol=1e-6, rtol=1e-5)
 
 
 def test_lora_in_the_text_tower_unlocks_it(tmp_path):
