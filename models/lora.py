@@ -2,6 +2,7 @@
 only through peft's state-dict functions."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -22,7 +23,10 @@ def lora_config(r: int, alpha: float, dropout: float, target_modules, modules_to
 def add_lora(model, configs: dict[str, LoraConfig]) -> PeftModel:
     """Wrap `model` with one named adapter per config (e.g. one per LoRA rank in use)."""
     names = sorted(configs)
-    peft_model = get_peft_model(model, configs[names[0]], adapter_name=names[0])
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated `is_gradient_checkpointing`: a FutureWarning per model, in every worker.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        peft_model = get_peft_model(model, configs[names[0]], adapter_name=names[0])
     for name in names[1:]:
         peft_model.add_adapter(name, configs[name])
     return peft_model

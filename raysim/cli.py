@@ -150,6 +150,9 @@ def _run(cfg, args) -> int:
     from raysim.storage import Mirror, is_url
 
     console = Console(stderr=False, quiet=args.quiet)
+    # Set before transformers is imported, here and (inherited) in the Ray workers: the run
+    # shows its own progress; a weight-loading bar per process and model is noise.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     rt = cfg.runtime
     if args.out and is_url(args.out):
         Mirror(args.out, args.staging).check(rt.num_workers)  # an unusable URL fails before Ray starts
@@ -240,5 +243,22 @@ def _show(console, rec: dict, rounds: int) -> None:
     console.print("  ".join(parts), soft_wrap=True)
 
 
+def console_main() -> None:
+    """The `raysim` command."""
+    exit_without_teardown(main())
+
+
+def exit_without_teardown(code: int) -> None:
+    """End the process: exit handlers run (Ray's shutdown, logging) and the streams are
+    flushed, but the interpreter's teardown is skipped: it takes about 1 s once torch,
+    transformers and peft are imported, and by now every file the run wrote is closed."""
+    import atexit
+
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

@@ -83,3 +83,19 @@ def test_resume_with_a_different_config_is_refused_and_corrupt_checkpoint_falls_
 def test_help_lists_commands():
     proc = cli("--help")
     assert proc.returncode == 0 and "run" in proc.stdout and "pretrain" in proc.stdout
+
+
+def test_the_command_runs_exit_handlers_and_flushes_before_skipping_teardown(tmp_path):
+    marker = tmp_path / "atexit.txt"
+    code = (
+        "import atexit, sys\n"
+        "from raysim.cli import exit_without_teardown\n"
+        f"atexit.register(lambda: open({str(marker)!r}, 'w').write('ran'))\n"
+        "print('buffered', end='')\n"
+        "sys.stderr.write('err')\n"
+        "exit_without_teardown(3)\n"
+        "print('not reached')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (3, "buffered", "err")
+    assert marker.read_text() == "ran"
