@@ -3,10 +3,20 @@ only through peft's state-dict functions."""
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+
+@contextmanager
+def _no_peft_deprecation_warning():
+    # peft reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model:
+    # a FutureWarning per model and process (every worker) that the user can do nothing about.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        yield
 
 
 def lora_config(r: int, alpha: float, dropout: float, target_modules, modules_to_save) -> LoraConfig:
@@ -23,9 +33,7 @@ def lora_config(r: int, alpha: float, dropout: float, target_modules, modules_to
 def add_lora(model, configs: dict[str, LoraConfig]) -> PeftModel:
     """Wrap `model` with one named adapter per config (e.g. one per LoRA rank in use)."""
     names = sorted(configs)
-    with warnings.catch_warnings():
-        # peft reads transformers' deprecated `is_gradient_checkpointing`: a FutureWarning per model, in every worker.
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+    with _no_peft_deprecation_warning():
         peft_model = get_peft_model(model, configs[names[0]], adapter_name=names[0])
     for name in names[1:]:
         peft_model.add_adapter(name, configs[name])
@@ -65,4 +73,5 @@ def save_adapter(peft_model: PeftModel, name: str, tensors: dict[str, torch.Tens
 
 
 def load_saved_adapter(base_model, out_dir: Path) -> PeftModel:
-    return PeftModel.from_pretrained(base_model, str(out_dir))
+    with _no_peft_deprecation_warning():
+        return PeftModel.from_pretrained(base_model, str(out_dir))
