@@ -265,9 +265,11 @@ class Engine:
             record["quarantined"] = sorted(int(c) for c in self.quarantine.quarantined(r + 1))
             if cfg.privacy.dp:
                 record["epsilon"] = self.guard.epsilon(r)
-        losses = [m["train_loss"] for m in out.client_metrics.values() if m.get("train_loss", math.nan) == m.get("train_loss", math.nan)]
-        if losses:
-            record["train_loss"] = sum(losses) / len(losses)
+        means = client_metric_means(out.client_metrics)
+        if "train_loss" in means:
+            record["train_loss"] = means["train_loss"]
+        if means:  # every metric the clients report (e.g. fedlarge's kept_fraction), averaged
+            record["client_means"] = means
         if hasattr(self.algorithm, "round_metrics"):  # e.g. fedlarge's per-client contribution
             record.update(self.algorithm.round_metrics())
         t_eval = time.perf_counter()
@@ -363,6 +365,17 @@ class Engine:
         err, self._closing_error = self._closing_error, None
         if err is not None:
             raise err
+
+
+def client_metric_means(client_metrics: dict[int, dict[str, float]]) -> dict[str, float]:
+    """Per metric name, the plain mean over the clients that reported it as a number (NaN
+    skipped: e.g. a client with no batch this round), in name order."""
+    values: dict[str, list[float]] = {}
+    for metrics in client_metrics.values():
+        for name, v in metrics.items():
+            if isinstance(v, (int, float)) and not math.isnan(v):
+                values.setdefault(name, []).append(float(v))
+    return {name: sum(vs) / len(vs) for name, vs in sorted(values.items())}
 
 
 def _warm_start(rt, groups) -> bool:

@@ -7,6 +7,7 @@ from safetensors.torch import load_file
 
 from conftest import tiny_overrides
 from raysim.cli import main
+from raysim.engine import client_metric_means
 
 
 def run(tmp_path, name, *extra, resume=False, **over):
@@ -38,6 +39,8 @@ def test_local_run_writes_everything_and_is_deterministic(tmp_path):
         assert len(r["clients"]) == 3 and r["bytes_up"] > 0 and r["bytes_down"] == r["bytes_up"]
         for k in ("accuracy", "i2t_r1", "t2i_r1", "wall_s", "compute_s", "aggregate_s", "eval_s", "checkpoint_s"):
             assert k in r, k
+        # fedavg's clients report train_loss and their LoRA rank (the config's r for all)
+        assert r["client_means"] == {"rank": 8.0, "train_loss": r["train_loss"]}
     summary = json.loads((a / "summary.json").read_text())
     assert summary["algorithm"] == "fedavg" and summary["rounds"] == 3 and summary["peak_rss_mb"] > 100
     assert summary["final"]["accuracy"] == recs[-1]["accuracy"]
@@ -48,6 +51,16 @@ def test_local_run_writes_everything_and_is_deterministic(tmp_path):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert len(list((a / "checkpoints").iterdir())) == 3
     assert list((a / "checkpoints").iterdir())[0].name.startswith("round-")
+
+
+def test_client_metric_means_skip_nan_and_non_numbers():
+    client_metrics = {
+        3: {"train_loss": 1.0, "kept_fraction": 0.5},
+        1: {"train_loss": float("nan"), "kept_fraction": 1.0, "note": "text"},
+        7: {"train_loss": 2.0},
+    }
+    assert client_metric_means(client_metrics) == {"kept_fraction": 0.75, "train_loss": 1.5}
+    assert client_metric_means({}) == {}
 
 
 def test_ray_pool_matches_local_mode(tmp_path, ray_cluster):
