@@ -219,11 +219,11 @@ class Engine:
         t0 = time.perf_counter()
         client_ids, keep = self._sample(r)
         msg = self.algorithm.broadcast(self.state, r, client_ids)
-        secagg_dir = str(self.run.path / "secagg_secrets")
+        secagg_root = self.run.client_state  # each client's secret sits with its state
         if cfg.privacy.secure_aggregation:
             # Key advertisement: each client's public key, computed where the client runs.
-            public = self.pool.client_call(client_public_key, client_ids, r, secagg_dir)
-            msg = dataclasses.replace(msg, payload={**msg.payload, "secagg_public": public, "secagg_dir": secagg_dir})
+            public = self.pool.client_call(client_public_key, client_ids, r, secagg_root)
+            msg = dataclasses.replace(msg, payload={**msg.payload, "secagg_public": public, "secagg_state_root": secagg_root})
         versions = {c: self.versions[c] for c in client_ids if c in self.versions}
         out = self.pool.run_round(
             msg,
@@ -242,7 +242,7 @@ class Engine:
             if cfg.privacy.secure_aggregation and out.late:
                 dropped = {d: msg.payload["secagg_public"][d] for d in out.late}
                 revealed = {}
-                for seeds in self.pool.client_call(reveal_for_dropped, out.accepted, dropped, r, secagg_dir).values():
+                for seeds in self.pool.client_call(reveal_for_dropped, out.accepted, dropped, r, secagg_root).values():
                     revealed.update(seeds)
                 extra["revealed"] = revealed
         self.state = self.algorithm.finalize(self.state, out.acc, **extra)

@@ -104,7 +104,7 @@ class Guarded:
             from raysim import secagg
 
             peers = msg.payload["secagg_public"]
-            key = client_private_key(ctx.client_id, msg.round, msg.payload["secagg_dir"])
+            key = client_private_key(ctx.client_id, msg.round, msg.payload["secagg_state_root"])
             masked = secagg.masked_update(
                 ctx.client_id, key, peers, update, msg.round, self.cfg.privacy.scale_bits, weight=res.num_examples
             )
@@ -221,15 +221,34 @@ class Guarded:
     round = 0  # set by the engine before finalize (DP noise seed)
 
 
-# --- SecAgg key material: a per-client secret that never leaves the client's directory ---
+# --- SecAgg key material: a per-client secret kept with the client's own state ---
 
-def _secret(client_id: int, secagg_dir: str) -> bytes:
+def _secret(client_id: int, state_root: str) -> bytes:
+    """The client's secret, in its state directory (`<state_root>/<client>/secagg.secret`;
+    a path or a URL such as s3://..., as runtime client state). Every worker that serves
+    the client finds it there, on any node; the driver never reads it."""
     import os
 
-    d = Path(secagg_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    path = d / f"{client_id:06d}.secret"
+    name = f"{client_id:06d}/secagg.secret"
+    if "://" in state_root:
+        import fsspec.core
+
+        fs, base = fsspec.core.url_to_fs(state_root)
+        path = f"{base.rstrip('/')}/{name}"
+        try:
+            return fs.cat_file(path)
+        except FileNotFoundError:
+            pass
+        # Created at the client's first key advertisement, by the one worker serving it
+        # then: there is no concurrent writer (object stores have no atomic create).
+        protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+        if "file" in protocols:
+            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe_file(path, os.urandom(32))
+        return fs.cat_file(path)
+    path = Path(state_root) / name
     if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_bytes(os.urandom(32))
         try:
@@ -240,29 +259,29 @@ def _secret(client_id: int, secagg_dir: str) -> bytes:
     return path.read_bytes()
 
 
-def client_private_key(client_id: int, round: int, secagg_dir: str):
+def client_private_key(client_id: int, round: int, state_root: str):
     """This round's X25519 key of a client, derived from its secret (fresh keys each round)."""
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
     from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
     material = HKDF(hashes.SHA256(), 32, salt=None, info=f"raysim-secagg-key-{round}".encode()).derive(
-        _secret(client_id, secagg_dir)
+        _secret(client_id, state_root)
     )
     return X25519PrivateKey.from_private_bytes(material)
 
 
-def client_public_key(client_id: int, round: int, secagg_dir: str) -> bytes:
+def client_public_key(client_id: int, round: int, state_root: str) -> bytes:
     from cryptography.hazmat.primitives import serialization
 
-    pub = client_private_key(client_id, round, secagg_dir).public_key()
+    pub = client_private_key(client_id, round, state_root).public_key()
     return pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
-def reveal_for_dropped(client_id: int, dropped: dict[int, bytes], round: int, secagg_dir: str) -> dict:
+def reveal_for_dropped(client_id: int, dropped: dict[int, bytes], round: int, state_root: str) -> dict:
     """A surviving client's pairwise seeds with the clients that dropped, so the driver can
     remove the masks that no longer cancel (SecAgg's recovery step)."""
     from raysim import secagg
 
-    key = client_private_key(client_id, round, secagg_dir)
+    key = client_private_key(client_id, round, state_root)
     return {(client_id, d): secagg.reveal_pair_seed(key, client_id, d, pub, round) for d, pub in dropped.items()}

@@ -105,9 +105,9 @@ def _guarded_clients(tmp_path):
     guard = Guarded(Echo(), cfg)
     ref = {"w": torch.randn(64, generator=torch.Generator().manual_seed(0))}
     ids = [0, 1, 2]
-    secrets = str(tmp_path / "secrets")
-    public = {c: client_public_key(c, 1, secrets) for c in ids}
-    msg = Broadcast(1, ref, {"secagg_public": public, "secagg_dir": secrets})
+    state_root = str(tmp_path / "client_state")
+    public = {c: client_public_key(c, 1, state_root) for c in ids}
+    msg = Broadcast(1, ref, {"secagg_public": public, "secagg_state_root": state_root})
     results = [guard.client_step(ClientContext(c, 1, 0, None, None, {}), msg) for c in ids]
     return guard, ref, msg, results
 
@@ -134,7 +134,7 @@ def test_secagg_recovers_a_dropped_clients_masks(tmp_path):
         guard.accumulate(acc, res)
     revealed = {}
     for c in (0, 1):
-        revealed.update(reveal_for_dropped(c, {2: msg.payload["secagg_public"][2]}, 1, msg.payload["secagg_dir"]))
+        revealed.update(reveal_for_dropped(c, {2: msg.payload["secagg_public"][2]}, 1, msg.payload["secagg_state_root"]))
     new = guard.finalize(ref, acc, revealed=revealed)
     expected = ref["w"] + (10 * 0.01 + 11 * 0.02) / 21
     torch.testing.assert_close(new["w"], expected, rtol=0, atol=1e-6)
@@ -143,7 +143,12 @@ def test_secagg_recovers_a_dropped_clients_masks(tmp_path):
 def test_secagg_run_matches_plain_run(tmp_path):
     # one round: later rounds would amplify the fixed-point rounding through training
     plain = final(run(tmp_path, "plain", rounds=1, **{"runtime.over_select": 0.5}))
-    masked = final(run(tmp_path, "masked", rounds=1, **{"runtime.over_select": 0.5, "privacy.secure_aggregation": "true"}))
+    masked_dir = run(tmp_path, "masked", rounds=1, **{"runtime.over_select": 0.5, "privacy.secure_aggregation": "true"})
+    masked = final(masked_dir)
+    # every sampled client's secret sits in its state directory, nowhere else in the run directory
+    sampled = records(masked_dir)[1]["sampled"]
+    secrets = sorted(p.relative_to(masked_dir).as_posix() for p in masked_dir.rglob("*.secret"))
+    assert secrets == [f"client_state/{c:06d}/secagg.secret" for c in sorted(sampled)]
     for k in plain:
         torch.testing.assert_close(plain[k], masked[k], rtol=0, atol=1e-5)
 
@@ -180,3 +185,22 @@ def _partition(cfg):
     from raysim.data import FederatedData
 
     return FederatedData(cfg.data, cfg.clients.total, cfg.model.max_text_len, cfg.seed).client_partition
+
+
+def test_secagg_secret_sits_with_the_clients_state_at_a_path_or_a_url(tmp_path):
+    import fsspec
+
+    from actors.state_store import ClientStateStore
+
+    root = tmp_path / "client_state"
+    key = client_public_key(4, 1, str(root))
+    assert (root / "000004" / "secagg.secret").stat().st_size == 32
+    assert client_public_key(4, 1, f"file://{root}") == key  # the URL form finds the same secret
+    assert client_public_key(4, 2, str(root)) != key  # a fresh key each round
+    store = ClientStateStore(str(root))
+    store.put(4, 1, {})
+    assert store.versions(4) == [1]  # the secret is not taken for a state version
+    url = "memory://raysim-secagg-test/client_state"  # an object store: no directories, no link()
+    key = client_public_key(5, 1, url)
+    assert client_public_key(5, 1, url) == key
+    assert len(fsspec.filesystem("memory").cat_file("/raysim-secagg-test/client_state/000005/secagg.secret")) == 32
