@@ -16,8 +16,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 install: $(VENV)/.installed
 
+# A new run directory each time: raysim never overwrites a run (it would ask for --resume).
 demo: install
-	$(VENV)/bin/raysim run configs/quickstart.yaml --out runs/quickstart
+	$(VENV)/bin/raysim run configs/quickstart.yaml --out runs/quickstart-$$(date +%Y%m%d-%H%M%S)
 
 test: install
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=25

@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     if hasattr(args, "handler"):  # submit, jobs, k8s: they report their own errors
         return args.handler(args)
+    # Set before transformers is imported, here and (inherited) in the Ray workers: raysim
+    # shows its own progress; a bar per process and model loaded or saved is noise.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # Imported here so `raysim --help` and config errors come back fast.
     from raysim.checkpoint import CheckpointError
     from raysim.config import ConfigError, load_config
@@ -150,9 +153,6 @@ def _run(cfg, args) -> int:
     from raysim.storage import Mirror, is_url
 
     console = Console(stderr=False, quiet=args.quiet)
-    # Set before transformers is imported, here and (inherited) in the Ray workers: the run
-    # shows its own progress; a weight-loading bar per process and model is noise.
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     rt = cfg.runtime
     if args.out and is_url(args.out):
         Mirror(args.out, args.staging).check(rt.num_workers)  # an unusable URL fails before Ray starts
