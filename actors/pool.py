@@ -206,6 +206,12 @@ class RayPool:
             self.workers = [
                 worker_actor.options(**options(g)).remote(algorithm, i, *args) for i, g in enumerate(self.group_of)
             ]
+        # Which worker's memory holds each client's newest state, and, per worker, clients
+        # whose copy there another worker has since superseded (told to it with its next
+        # call): with balanced assignment clients move, and a worker would otherwise keep a
+        # dead copy of every client it ever served.
+        self.holder: dict[int, int] = {}
+        self.stale: dict[int, set[int]] = {}
         self.ready: set[int] = set()  # workers that take clients
         self.dead: set[int] = set()  # gone for good (restarts exhausted)
         self.probes: dict = {}  # ready() call in flight -> worker index
@@ -260,8 +266,21 @@ class RayPool:
         except RayActorError:
             self._lost(i)
 
+    def _forget(self, w: int) -> list[int]:
+        """The stale copies to drop on worker w, handed over once."""
+        return sorted(self.stale.pop(w, ()))
+
+    def _note_served(self, served: dict[int, int]) -> None:
+        for c, w in served.items():
+            h = self.holder.get(c)
+            if h is not None and h != w and h >= 0:
+                self.stale.setdefault(h, set()).add(c)
+            self.stale.get(w, set()).discard(c)
+            self.holder[c] = w
+
     def _lost(self, i: int) -> None:
         """Worker i died: out of the pool; probe it again unless Ray will not restart it."""
+        self.stale.pop(i, None)  # its memory went with it
         self.ready.discard(i)
         self.deaths[i] += 1
         if 0 <= self.max_restarts < self.deaths[i]:
@@ -362,6 +381,7 @@ class RayPool:
             out = _run_inline(self.inline, self.algorithm, msg, client_ids, versions, keep)
             out.workers = 0
             out.served = {c: -1 for c in out.accepted}
+            self._note_served(out.served)
             return out
         active = self._serve_all_groups(active)
         if (keep is not None and keep < len(client_ids)) or deadline_s is not None:
@@ -369,6 +389,7 @@ class RayPool:
         else:
             out = self._run_all(msg, client_ids, versions, active)
         out.workers = len(active)
+        self._note_served(out.served)
         return out
 
     def _run_first_k(self, msg, client_ids, versions, keep, deadline_s, min_results, active) -> RoundOutput:
@@ -400,7 +421,7 @@ class RayPool:
                 return  # nothing left for this group: the worker idles
             pick = next((c for c in mine if self.home(c, active) == w), mine[0])
             queue.remove(pick)
-            pending[self.workers[w].run.remote(msg_ref, [pick], versions)] = (pick, w)
+            pending[self.workers[w].run.remote(msg_ref, [pick], versions, self._forget(w))] = (pick, w)
 
         for w in list(active):
             dispatch(w)
@@ -463,7 +484,9 @@ class RayPool:
         msg_ref = ray.put(msg)  # one copy in the object store, shared by every worker
         groups = self.groups(client_ids, active)
         merger = OrderedMerger(self.algorithm, msg, sorted(groups))
-        pending = {self.workers[w].run.remote(msg_ref, ids, versions): (w, w, ids) for w, ids in groups.items()}
+        pending = {
+            self.workers[w].run.remote(msg_ref, ids, versions, self._forget(w)): (w, w, ids) for w, ids in groups.items()
+        }
         requeued, failures = [], 0
         served: dict[int, int] = {}
         while pending:  # collect partials as they complete
@@ -481,7 +504,7 @@ class RayPool:
                 self._lost(w)
                 retry = self._live_after(w)
                 if retry is not None:
-                    pending[self.workers[retry].run.remote(msg_ref, ids, versions)] = (slot, retry, ids)
+                    pending[self.workers[retry].run.remote(msg_ref, ids, versions, self._forget(retry))] = (slot, retry, ids)
                     continue
                 part = self.inline.run(msg, ids, versions)
                 served.update({c: -1 for c in ids})

@@ -128,6 +128,13 @@ class ClientStateStore:
                 (d / f"r{old}.safetensors").unlink(missing_ok=True)
         self._remember(client_id, round, state)
 
+    def forget(self, client_ids) -> None:
+        """Drop these clients' in-memory copies (their files stay)."""
+        for cid in client_ids:
+            old = self.memory.pop(cid, None)
+            if old is not None:
+                self.memory_bytes -= state_nbytes(old[1])
+
     def _remember(self, client_id: int, version: int, state: State) -> None:
         old = self.memory.pop(client_id, None)
         if old is not None:

@@ -62,8 +62,11 @@ class ClientWorker:
         self.resident = None
         torch.set_num_threads(self.threads_before)
 
-    def run(self, msg, client_ids: list[int], versions: dict[int, int]) -> Partial:
-        """Run the clients (each from its state of round `versions[cid]`) and fold them."""
+    def run(self, msg, client_ids: list[int], versions: dict[int, int], forget: list[int] = ()) -> Partial:
+        """Run the clients (each from its state of round `versions[cid]`) and fold them.
+        `forget`: clients whose newest state another worker wrote since they ran here; the
+        copies of them kept in memory here can never be read again."""
+        self.store.forget(forget)
         self.ready()
         t0 = time.perf_counter()
         part = Partial(self.index, self.algorithm.zero(msg), client_ids=sorted(client_ids))

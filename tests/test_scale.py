@@ -97,3 +97,49 @@ def test_soak_memory_is_flat(tmp_path, ray_cluster):
     r = soak(rounds=60, clients=100, synthetic=True, run_dir=str(tmp_path / "soak"), warmup=15,
              extra=["runtime.warm_start=false"])
     assert r["growth_pct"] < 5.0, r
+
+
+def test_balanced_groups_hand_computed():
+    from actors.pool import balanced_groups
+
+    cost = {0: 5.0, 1: 3.0, 2: 3.0, 3: 1.0}.__getitem__
+    # longest first to the least-loaded worker, ties to the client's home (c mod 2):
+    # 0 -> w0 (5), 1 -> w1 (3), 2 -> w1 (6), 3 -> w0 (6)
+    assert balanced_groups([3, 2, 1, 0], 2, cost, lambda c: c % 2) == {0: [0, 3], 1: [1, 2]}
+    # equal costs: alternate, each tie going to the client's home
+    assert balanced_groups([0, 1, 2, 3], 2, lambda c: 1.0, lambda c: 1) == {1: [0, 2], 0: [1, 3]}
+
+
+def test_balanced_assignment_matches_sticky_and_keeps_one_copy_per_client(tmp_path, ray_cluster):
+    from raysim.config import load_config
+    from raysim.engine import Engine
+
+    def finished(name, assignment):
+        cfg = load_config("configs/quickstart.yaml", [
+            "algorithm.name=synthetic", "algorithm.options.num_params=2000", "algorithm.options.state_params=500",
+            "clients.total=30", "clients.per_round=10", "rounds=4", "pretrain.enabled=false",
+            "runtime.num_workers=2", "runtime.warm_start=false", f"runtime.assignment={assignment}",
+        ])  # fmt: skip
+        engine = Engine(cfg.to_dict(), str(tmp_path / name), False)
+        engine.start()
+        while not engine.done():
+            engine.run_round()
+        in_memory = sum(s["clients_in_memory"] for s in engine.pool.store_stats())
+        # copies superseded in the last round: dropped with a worker's next call, which never came
+        pending = {c for ids in engine.pool.stale.values() for c in ids}
+        engine.finish()
+        return engine.history, in_memory, pending
+
+    balanced, in_memory, pending = finished("balanced", "balanced")
+    workers_of: dict[int, set] = {}
+    for rec in balanced[1:]:
+        for label, ids in rec["served_by"].items():
+            for c in ids:
+                workers_of.setdefault(c, set()).add(label)
+    assert any(len(w) > 1 for w in workers_of.values())  # clients did move between workers
+    # each client's newest state once, plus the copies superseded in the last round only
+    moved_last = {c for c in balanced[-1]["clients"] if len(workers_of[c]) > 1}
+    assert pending <= moved_last
+    assert in_memory == len(workers_of) + len(pending)
+    sticky, _, _ = finished("sticky", "sticky")
+    assert [r["norm"] for r in balanced] == [r["norm"] for r in sticky]  # who ran a client never matters
