@@ -473,6 +473,8 @@ class RayPool:
         out.requeued, out.worker_failures = sorted(requeued), failures
         out.accepted = sorted(accepted)
         out.late = sorted([c for c, _ in pending.values()] + queue)
+        for cid, w in pending.values():  # still running: the state they write on w is never read
+            self.stale.setdefault(w, set()).add(cid)
         out.served = {c: served[c] for c in out.accepted}
         return out
 

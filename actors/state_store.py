@@ -103,7 +103,10 @@ class ClientStateStore:
         self.loads_from_disk += 1
         return _unflatten(load_file(str(path)))
 
-    def put(self, client_id: int, round: int, state: State) -> None:
+    def put(self, client_id: int, round: int, state: State, base: int | None = None) -> None:
+        """Write the client's state of `round`, computed from its state of round `base` (the
+        newest version the driver has accepted; None: prune by count alone, as if every
+        version had been accepted)."""
         # An empty state is written too: the driver counts the version as existing.
         d = self._dir(client_id)
         if self.fs is not None:
@@ -116,9 +119,7 @@ class ClientStateStore:
             tmp = d / f".r{round}.tmp"
             save_file(_flatten(state), str(tmp))
             os.replace(tmp, d / f"r{round}.safetensors")
-        # Keep enough versions that the state as of the last checkpoint survives until the
-        # next one (a client writes at most one version per round).
-        for old in self.versions(client_id)[: -self.keep_versions]:
+        for old in self._superseded(self.versions(client_id), round, base):
             if self.fs is not None:
                 try:
                     self.fs.rm_file(f"{d}/r{old}.safetensors")
@@ -127,6 +128,18 @@ class ClientStateStore:
             else:
                 (d / f"r{old}.safetensors").unlink(missing_ok=True)
         self._remember(client_id, round, state)
+
+    def _superseded(self, versions: list[int], round: int, base: int | None) -> list[int]:
+        """Versions to delete after writing `round`. Kept: enough accepted versions that the
+        state as of the last checkpoint survives until the next one (a client writes at most
+        one version per round). Versions between `base` and `round` were written by runs
+        whose results the driver dropped (late stragglers, over-selection): never read, and
+        counted they would push the accepted `base` out."""
+        if base is None:
+            return versions[: -self.keep_versions]
+        dropped = [v for v in versions if base < v < round]
+        history = [v for v in versions if v <= base]
+        return dropped + history[: max(0, len(history) - (self.keep_versions - 1))]
 
     def forget(self, client_ids) -> None:
         """Drop these clients' in-memory copies (their files stay)."""

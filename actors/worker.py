@@ -79,7 +79,7 @@ class ClientWorker:
             part.num_examples += result.num_examples
             part.bytes_up += tensors_nbytes(result.tensors)
             part.bytes_down += self.algorithm.bytes_down(msg, cid)
-            self.store.put(cid, msg.round, ctx.state)
+            self.store.put(cid, msg.round, ctx.state, base=versions.get(cid, 0))
         part.compute_s = time.perf_counter() - t0
         return part
 

@@ -34,6 +34,23 @@ def test_state_version_is_exact_not_latest(tmp_path):
     assert store.versions(3) == [4, 6]
 
 
+def test_versions_written_by_dropped_runs_never_push_out_the_accepted_one(tmp_path):
+    store = ClientStateStore(tmp_path, keep_versions=2)
+    state = lambda x: {"s": {"x": torch.tensor([float(x)])}}  # noqa: E731
+    store.put(5, 1, state(1), base=0)  # accepted: the driver's version of client 5 is 1
+    store.put(5, 3, state(3), base=1)  # late in round 3: dropped by the driver
+    store.put(5, 4, state(4), base=1)  # late again in round 4
+    assert store.versions(5) == [1, 4]  # counted by age alone, 1 would have gone ([3, 4])
+    assert store.get(5, 1)["s"]["x"].item() == 1.0
+    store.put(5, 6, state(6), base=1)  # accepted in round 6
+    assert store.versions(5) == [1, 6]
+    store.put(5, 7, state(7), base=6)  # accepted in round 7: now 1 is two accepted versions old
+    assert store.versions(5) == [6, 7]
+    store.put(6, 2, state(2), base=0)  # a client whose only earlier versions were dropped ones
+    store.put(6, 3, state(3), base=0)
+    assert store.versions(6) == [3]
+
+
 def synthetic(tmp_path, name, total, **extra):
     out = tmp_path / name
     args = [
@@ -110,36 +127,50 @@ def test_balanced_groups_hand_computed():
     assert balanced_groups([0, 1, 2, 3], 2, lambda c: 1.0, lambda c: 1) == {1: [0, 2], 0: [1, 3]}
 
 
-def test_balanced_assignment_matches_sticky_and_keeps_one_copy_per_client(tmp_path, ray_cluster):
+def finished_engine(run_dir, *overrides):
+    """A synthetic run on 2 Ray workers, driven to its end; (its history, the client states
+    held in the workers' memory, the clients whose copy a worker has yet to drop)."""
     from raysim.config import load_config
     from raysim.engine import Engine
 
-    def finished(name, assignment):
-        cfg = load_config("configs/quickstart.yaml", [
-            "algorithm.name=synthetic", "algorithm.options.num_params=2000", "algorithm.options.state_params=500",
-            "clients.total=30", "clients.per_round=10", "rounds=4", "pretrain.enabled=false",
-            "runtime.num_workers=2", "runtime.warm_start=false", f"runtime.assignment={assignment}",
-        ])  # fmt: skip
-        engine = Engine(cfg.to_dict(), str(tmp_path / name), False)
-        engine.start()
-        while not engine.done():
-            engine.run_round()
-        in_memory = sum(s["clients_in_memory"] for s in engine.pool.store_stats())
-        # copies superseded in the last round: dropped with a worker's next call, which never came
-        pending = {c for ids in engine.pool.stale.values() for c in ids}
-        engine.finish()
-        return engine.history, in_memory, pending
+    cfg = load_config("configs/quickstart.yaml", [
+        "algorithm.name=synthetic", "algorithm.options.num_params=2000", "algorithm.options.state_params=500",
+        "clients.total=30", "clients.per_round=10", "rounds=4", "pretrain.enabled=false",
+        "runtime.num_workers=2", "runtime.warm_start=false", *overrides,
+    ])  # fmt: skip
+    engine = Engine(cfg.to_dict(), str(run_dir), False)
+    engine.start()
+    while not engine.done():
+        engine.run_round()
+    in_memory = sum(s["clients_in_memory"] for s in engine.pool.store_stats())
+    # copies superseded in the last round: a worker drops them with its next call
+    pending = sum(len(ids) for ids in engine.pool.stale.values())
+    engine.finish()
+    return engine.history, in_memory, pending
 
-    balanced, in_memory, pending = finished("balanced", "balanced")
+
+def test_balanced_assignment_matches_sticky_and_keeps_one_copy_per_client(tmp_path, ray_cluster):
+    balanced, in_memory, pending = finished_engine(tmp_path / "balanced", "runtime.assignment=balanced")
     workers_of: dict[int, set] = {}
     for rec in balanced[1:]:
         for label, ids in rec["served_by"].items():
             for c in ids:
                 workers_of.setdefault(c, set()).add(label)
     assert any(len(w) > 1 for w in workers_of.values())  # clients did move between workers
-    # each client's newest state once, plus the copies superseded in the last round only
-    moved_last = {c for c in balanced[-1]["clients"] if len(workers_of[c]) > 1}
-    assert pending <= moved_last
-    assert in_memory == len(workers_of) + len(pending)
-    sticky, _, _ = finished("sticky", "sticky")
+    assert pending <= len(balanced[-1]["clients"])
+    assert in_memory == len(workers_of) + pending  # each client's newest state once, no dead copies
+    sticky, _, _ = finished_engine(tmp_path / "sticky", "runtime.assignment=sticky")
     assert [r["norm"] for r in balanced] == [r["norm"] for r in sticky]  # who ran a client never matters
+
+
+def test_over_selection_runs_many_rounds_and_drops_what_late_runs_wrote(tmp_path, ray_cluster):
+    # Each round 4 clients start and the first 2 count; the other 2 finish on their workers
+    # after the round and write state the driver never reads. Those writes once pushed a
+    # client's accepted state out of its directory (FileNotFoundError by round 5).
+    over = ["clients.total=6", "clients.per_round=2", "runtime.over_select=1.0", "rounds=8"]
+    recs, in_memory, pending = finished_engine(tmp_path / "over", *over)
+    assert [r["round"] for r in recs] == list(range(9))
+    assert all(len(r["clients"]) == 2 and len(r["sampled"]) == 4 for r in recs[1:])
+    assert any(set(r["late"]) & set(s["clients"]) for r, s in zip(recs[1:], recs[2:]))  # late, then run again
+    accepted = {c for r in recs[1:] for c in r["clients"]}
+    assert in_memory <= len(accepted) + pending  # the late runs' copies are dropped too
