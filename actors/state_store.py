@@ -103,10 +103,9 @@ class ClientStateStore:
         self.loads_from_disk += 1
         return _unflatten(load_file(str(path)))
 
-    def put(self, client_id: int, round: int, state: State, base: int | None = None) -> None:
+    def put(self, client_id: int, round: int, state: State, base: int) -> None:
         """Write the client's state of `round`, computed from its state of round `base` (the
-        newest version the driver has accepted; None: prune by count alone, as if every
-        version had been accepted)."""
+        newest version the driver has accepted; 0: none)."""
         # An empty state is written too: the driver counts the version as existing.
         d = self._dir(client_id)
         if self.fs is not None:
@@ -129,17 +128,44 @@ class ClientStateStore:
                 (d / f"r{old}.safetensors").unlink(missing_ok=True)
         self._remember(client_id, round, state)
 
-    def _superseded(self, versions: list[int], round: int, base: int | None) -> list[int]:
+    def _superseded(self, versions: list[int], round: int, base: int) -> list[int]:
         """Versions to delete after writing `round`. Kept: enough accepted versions that the
         state as of the last checkpoint survives until the next one (a client writes at most
         one version per round). Versions between `base` and `round` were written by runs
         whose results the driver dropped (late stragglers, over-selection): never read, and
         counted they would push the accepted `base` out."""
-        if base is None:
-            return versions[: -self.keep_versions]
         dropped = [v for v in versions if base < v < round]
         history = [v for v in versions if v <= base]
         return dropped + history[: max(0, len(history) - (self.keep_versions - 1))]
+
+    def secret(self, client_id: int, name: str, nbytes: int = 32) -> bytes:
+        """Random bytes of the client's own, made on first use and kept in its directory
+        next to its state versions (e.g. SecAgg's key material): every worker that serves
+        the client, on any node, reads the same ones; the driver never reads them."""
+        d = self._dir(client_id)
+        if self.fs is not None:
+            path = f"{d}/{name}"
+            try:
+                return self.fs.cat_file(path)
+            except FileNotFoundError:
+                pass
+            # Made at the client's first use, by the one worker serving it then: there is no
+            # concurrent writer (object stores have no atomic create).
+            if self._local_fs:
+                self.fs.makedirs(d, exist_ok=True)
+            self.fs.pipe_file(path, os.urandom(nbytes))
+            return self.fs.cat_file(path)
+        path = d / name
+        if not path.is_file():
+            d.mkdir(parents=True, exist_ok=True)
+            tmp = d / f".{name}.tmp{os.getpid()}"
+            tmp.write_bytes(os.urandom(nbytes))
+            try:
+                os.link(tmp, path)  # first writer wins, so every worker agrees on the secret
+            except FileExistsError:
+                pass
+            tmp.unlink()
+        return path.read_bytes()
 
     def forget(self, client_ids) -> None:
         """Drop these clients' in-memory copies (their files stay)."""

@@ -11,7 +11,6 @@ robust rules and unmasking in `finalize`, in the driver.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import time
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from actors.protocol import Broadcast, ClientContext, ClientResult, Tensors
+from actors.state_store import ClientStateStore
 from raysim import aggregation as agg
 from raysim import robust, screening
 from raysim.config import ExperimentConfig
@@ -225,38 +225,8 @@ class Guarded:
 
 def _secret(client_id: int, state_root: str) -> bytes:
     """The client's secret, in its state directory (`<state_root>/<client>/secagg.secret`;
-    a path or a URL such as s3://..., as runtime client state). Every worker that serves
-    the client finds it there, on any node; the driver never reads it."""
-    import os
-
-    name = f"{client_id:06d}/secagg.secret"
-    if "://" in state_root:
-        import fsspec.core
-
-        fs, base = fsspec.core.url_to_fs(state_root)
-        path = f"{base.rstrip('/')}/{name}"
-        try:
-            return fs.cat_file(path)
-        except FileNotFoundError:
-            pass
-        # Created at the client's first key advertisement, by the one worker serving it
-        # then: there is no concurrent writer (object stores have no atomic create).
-        protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-        if "file" in protocols:
-            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        fs.pipe_file(path, os.urandom(32))
-        return fs.cat_file(path)
-    path = Path(state_root) / name
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_bytes(os.urandom(32))
-        try:
-            os.link(tmp, path)  # first writer wins, so every worker agrees on the secret
-        except FileExistsError:
-            pass
-        tmp.unlink()
-    return path.read_bytes()
+    a path or a URL such as s3://..., as runtime client state)."""
+    return ClientStateStore(state_root).secret(client_id, "secagg.secret")
 
 
 def client_private_key(client_id: int, round: int, state_root: str):

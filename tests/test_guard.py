@@ -198,7 +198,7 @@ def test_secagg_secret_sits_with_the_clients_state_at_a_path_or_a_url(tmp_path):
     assert client_public_key(4, 1, f"file://{root}") == key  # the URL form finds the same secret
     assert client_public_key(4, 2, str(root)) != key  # a fresh key each round
     store = ClientStateStore(str(root))
-    store.put(4, 1, {})
+    store.put(4, 1, {}, base=0)
     assert store.versions(4) == [1]  # the secret is not taken for a state version
     url = "memory://raysim-secagg-test/client_state"  # an object store: no directories, no link()
     key = client_public_key(5, 1, url)

@@ -15,7 +15,7 @@ def test_spilled_state_comes_back_bit_identical(tmp_path):
     one = 1000 * 4 + 100 * 4
     store = ClientStateStore(tmp_path, memory_budget_bytes=5 * one)
     for c, s in states.items():
-        store.put(c, 1, s)
+        store.put(c, 1, s, base=0)
     assert len(store.memory) == 5 and store.memory_bytes <= 5 * one
     for c, s in states.items():
         back = store.get(c, 1)
@@ -26,11 +26,11 @@ def test_spilled_state_comes_back_bit_identical(tmp_path):
 
 def test_state_version_is_exact_not_latest(tmp_path):
     store = ClientStateStore(tmp_path, keep_versions=2)
-    store.put(3, 1, {"s": {"x": torch.tensor([1.0])}})
-    store.put(3, 4, {"s": {"x": torch.tensor([4.0])}})
+    store.put(3, 1, {"s": {"x": torch.tensor([1.0])}}, base=0)
+    store.put(3, 4, {"s": {"x": torch.tensor([4.0])}}, base=1)
     assert store.get(3, 1)["s"]["x"].item() == 1.0  # a resume from round 1..3 reads version 1
     assert store.get(3, 4)["s"]["x"].item() == 4.0
-    store.put(3, 6, {"s": {"x": torch.tensor([6.0])}})
+    store.put(3, 6, {"s": {"x": torch.tensor([6.0])}}, base=4)
     assert store.versions(3) == [4, 6]
 
 

@@ -174,9 +174,9 @@ def test_staging_dir_of_something_else_is_refused(tmp_path):
 def test_client_state_store_on_a_url_round_trips_and_prunes(mem_url):
     store = ClientStateStore(f"{mem_url}/client_state", memory_budget_bytes=1, keep_versions=2)
     states = {r: {"adapter": {"w": torch.randn(3, 4)}, "opt": {"m": torch.full((2,), float(r))}} for r in (1, 3, 5)}
-    for r, s in states.items():
-        store.put(7, r, s)
-    store.put(8, 5, {})  # evicts client 7 from memory (budget of 1 byte)
+    for base, (r, s) in zip((0, 1, 3), states.items()):  # each round from the one before
+        store.put(7, r, s, base=base)
+    store.put(8, 5, {}, base=0)  # evicts client 7 from memory (budget of 1 byte)
     assert store.versions(7) == [3, 5]  # pruned to keep_versions
     back = store.get(7, 5)
     assert store.loads_from_disk == 1

@@ -410,11 +410,10 @@ class DeepSpeedTrainer:
         keep_locked_tower_in_eval(self.engine.module)
 
 
-def mark_locked_text_tower(base) -> bool:
+def mark_locked_text_tower(base) -> None:
     """Lock a MiniLM dual encoder's text tower unless LoRA (or modules_to_save) put
-    trainable weights in it; whether it is locked."""
+    trainable weights in it."""
     base.raysim_locked_text = not any(p.requires_grad for p in base.text_model.parameters())
-    return base.raysim_locked_text
 
 
 def locked_text_tower(model) -> torch.nn.Module | None:
