@@ -302,6 +302,13 @@ class ExperimentConfig(_Strict):
                 "robust.max_norm_ratio compares each update with the round's median norm, which the driver cannot see"
                 " under privacy.dp or privacy.secure_aggregation; choose one"
             )
+        if (self.privacy.dp or self.privacy.secure_aggregation) and self.robust.rule not in ("mean", "norm_clip"):
+            mode = "privacy.secure_aggregation" if self.privacy.secure_aggregation else "privacy.dp"
+            problems.append(
+                f"robust.rule '{self.robust.rule}' needs every client's update, which the driver does not see under {mode}"
+                " (it sees only a masked or noised sum); use robust.rule 'norm_clip' (each client clips its update to"
+                " robust.clip_norm before it is masked or noised) or 'mean', or turn the privacy option off"
+            )
         special = (
             self.robust.rule != "mean" or self.robust.max_norm_ratio is not None or self.privacy.dp or self.privacy.secure_aggregation
         )

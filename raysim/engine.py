@@ -238,13 +238,19 @@ class Engine:
         t_agg = time.perf_counter()
         extra = {}
         if self.guard is not None:
-            self.guard.round = r
-            if cfg.privacy.secure_aggregation and out.late:
-                dropped = {d: msg.payload["secagg_public"][d] for d in out.late}
-                revealed = {}
-                for seeds in self.pool.client_call(reveal_for_dropped, out.accepted, dropped, r, secagg_root).values():
-                    revealed.update(seeds)
-                extra["revealed"] = revealed
+            if cfg.privacy.secure_aggregation:
+                # Every sampled client advertised a key and was masked with by its peers. Those
+                # whose masked update was not summed (late, or rejected by screening on their
+                # worker) leave masks that do not cancel: the survivors reveal those pair seeds.
+                rejected = set(out.acc.rejected)
+                missing = sorted(set(out.late) | rejected)
+                survivors = [c for c in out.accepted if c not in rejected]
+                if missing and survivors:
+                    dropped = {d: msg.payload["secagg_public"][d] for d in missing}
+                    revealed = {}
+                    for seeds in self.pool.client_call(reveal_for_dropped, survivors, dropped, r, secagg_root).values():
+                        revealed.update(seeds)
+                    extra["revealed"] = revealed
         self.state = self.algorithm.finalize(self.state, out.acc, **extra)
         aggregate_s = out.merge_s + time.perf_counter() - t_agg
         record = {

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import secrets
 import time
 
 import numpy as np
@@ -92,6 +93,10 @@ class Guarded:
         if reason is not None:
             return ClientResult(res.client_id, res.num_examples, {}, {**res.metrics, REJECTED: reason})
         mode = self.mode
+        if mode in ("dp", "secagg") and self.cfg.robust.rule == "norm_clip":
+            # the one robust rule that composes with a sum the driver cannot look into:
+            # the client clips before its update is noised or masked
+            update = robust.clip_by_norm(update, self.cfg.robust.clip_norm)
         if mode == "mean":
             out = tensors
         elif mode == "robust":
@@ -184,8 +189,7 @@ class Guarded:
             from raysim.privacy import add_gaussian_noise
 
             p = self.cfg.privacy
-            gen = torch.Generator().manual_seed(int(np.random.SeedSequence([self.cfg.seed, 0xD9, self.round]).generate_state(1)[0]))
-            noisy = add_gaussian_noise(agg.ws_sums(acc.sums), p.clip_norm, self.noise_multiplier, gen)
+            noisy = add_gaussian_noise(agg.ws_sums(acc.sums), p.clip_norm, self.noise_multiplier, secret_generator())
             delta = {k: v / self.cfg.clients.per_round for k, v in noisy.items()}  # fixed denominator
         else:
             from raysim import secagg
@@ -218,7 +222,14 @@ class Guarded:
         acct.step(rounds_done)
         return acct.epsilon()
 
-    round = 0  # set by the engine before finalize (DP noise seed)
+
+
+def secret_generator() -> torch.Generator:
+    """A generator for DP noise, seeded from the operating system's CSPRNG and held only in
+    memory: noise seeded from anything in config.yaml or a checkpoint (the run's seed, the
+    round) could be regenerated and subtracted, which voids the guarantee. So a DP run is
+    not reproducible, by design; every other run stays so."""
+    return torch.Generator().manual_seed(secrets.randbits(63))
 
 
 # --- SecAgg key material: a per-client secret kept with the client's own state ---

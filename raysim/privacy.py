@@ -8,7 +8,8 @@ API
 ``add_gaussian_noise(summed, clip_norm, noise_multiplier, generator) -> Tensors``
     add N(0, (noise_multiplier * clip_norm)^2) to every coordinate of the SUM of clipped
     updates (once per round, in the driver); ``generator`` is a ``torch.Generator``
-    (seed it from (experiment seed, round) for reproducible runs).
+    (raysim seeds it from the OS's CSPRNG each round, never from the run's seed: noise that
+    could be regenerated from config.yaml or a checkpoint could be subtracted).
 ``DPAccountant(noise_multiplier, sample_rate, delta)``
     ``step()`` once per aggregated round; ``epsilon()`` = epsilon spent so far at ``delta``;
     ``to_dict()`` / ``DPAccountant.from_dict(d)`` for checkpoints.

@@ -150,7 +150,7 @@ def test_secagg_run_matches_plain_run(tmp_path):
     secrets = sorted(p.relative_to(masked_dir).as_posix() for p in masked_dir.rglob("*.secret"))
     assert secrets == [f"client_state/{c:06d}/secagg.secret" for c in sorted(sampled)]
     for k in plain:
-        torch.testing.assert_close(plain[k], masked[k], rtol=0, atol=1e-5)
+        torch.testing.assert_close(plain[k], masked[k], rtol=0, atol=1e-6)
 
 
 def test_straggler_is_dropped_counted_and_never_folded(tmp_path, ray_cluster):
@@ -204,3 +204,70 @@ def test_secagg_secret_sits_with_the_clients_state_at_a_path_or_a_url(tmp_path):
     key = client_public_key(5, 1, url)
     assert client_public_key(5, 1, url) == key
     assert len(fsspec.filesystem("memory").cat_file("/raysim-secagg-test/client_state/000005/secagg.secret")) == 32
+
+
+# --- the promises that must hold (issue 24, high) ----------------------------------
+
+
+def _first_round_clients(**over):
+    from raysim.seeding import sample_clients
+
+    cfg = load_config("configs/quickstart.yaml", tiny_overrides(**{**FAST, **over}))
+    return sample_clients(cfg.seed, 1, cfg.clients.total, cfg.clients.per_round)
+
+
+def test_secagg_with_a_rejected_client_equals_the_plain_run_without_it(tmp_path):
+    # A NaN client is rejected on its worker and sends nothing; its peers had masked with it,
+    # so the survivors must reveal those pair seeds or the sum decodes as noise.
+    nan = _first_round_clients()[:1]
+    over = {"rounds": 1, "faults.nan_clients": f"[{nan[0]}]", "robust.quarantine_rounds": 0}
+    plain_dir = run(tmp_path, "plain", **over)
+    masked_dir = run(tmp_path, "masked", **over, **{"privacy.secure_aggregation": "true"})
+    for out in (plain_dir, masked_dir):
+        assert records(out)[1]["rejected_clients"] == nan
+    plain, masked = final(plain_dir), final(masked_dir)
+    for k in plain:
+        torch.testing.assert_close(masked[k], plain[k], rtol=0, atol=1e-6)
+
+
+def test_dp_noise_cannot_be_regenerated_from_the_config(tmp_path):
+    from raysim.privacy import add_gaussian_noise
+
+    over = {"rounds": 1, "privacy.dp": "true"}
+    quiet = final(run(tmp_path, "quiet", **over, **{"privacy.noise_multiplier": 0.0}))
+    noisy = [final(run(tmp_path, f"noisy{i}", **over, **{"privacy.noise_multiplier": 1.0})) for i in range(2)]
+    # the same config twice: different noise (it comes from the OS's CSPRNG, held in memory)
+    assert distance(noisy[0], noisy[1]) > 1.0
+    # the noise the driver added (delta = noise / per_round), against what the config's seed gives
+    per_round = FAST["clients.per_round"]
+    added = {k: (noisy[0][k].double() - quiet[k].double()) * per_round for k in quiet}
+    seeded = torch.Generator().manual_seed(int(np.random.SeedSequence([0, 0xD9, 1]).generate_state(1)[0]))
+    guess = add_gaussian_noise({k: torch.zeros_like(v) for k, v in added.items()}, 1.0, 1.0, seeded)
+    assert distance(added, guess) > 0.5 * distance(added, {k: torch.zeros_like(v) for k, v in added.items()})
+
+
+def test_robust_rules_that_need_every_update_are_refused_under_privacy(tmp_path, capsys):
+    for privacy in ({"privacy.secure_aggregation": "true"}, {"privacy.dp": "true", "privacy.noise_multiplier": 1.0}):
+        over = tiny_overrides(**{**FAST, **privacy, "robust.rule": "median"})
+        assert main(["run", "configs/quickstart.yaml", *over, "--out", str(tmp_path / "refused"), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert "robust.rule 'median'" in err and "norm_clip" in err
+        assert not (tmp_path / "refused").exists()
+
+
+def test_norm_clip_composes_with_secagg_and_dp(tmp_path):
+    attack = {"rounds": 1, "faults.byzantine_fraction": 0.3, "faults.attack_scale": 20.0, "robust.rule": "norm_clip"}
+    clip = {"robust.clip_norm": 0.05}
+    # SecAgg: each client clips before masking, so the masked sum is the plain norm-clipped mean
+    plain = final(run(tmp_path, "plain", **attack, **clip))
+    masked = final(run(tmp_path, "masked", **attack, **clip, **{"privacy.secure_aggregation": "true"}))
+    for k in plain:
+        torch.testing.assert_close(masked[k], plain[k], rtol=0, atol=1e-6)
+    mean = final(run(tmp_path, "mean", **{**attack, "robust.rule": "mean"}, **{"privacy.secure_aggregation": "true"}))
+    assert distance(masked, mean) > 1.0  # the rule was applied, not dropped
+    # DP: the rule's clip before DP's own equals DP with the tighter clip
+    dp = {"privacy.dp": "true", "privacy.noise_multiplier": 0.0}
+    both = final(run(tmp_path, "dp_rule", **attack, **clip, **dp))
+    tight = final(run(tmp_path, "dp_tight", **{**attack, "robust.rule": "mean"}, **dp, **{"privacy.clip_norm": 0.05}))
+    for k in both:
+        torch.testing.assert_close(both[k], tight[k], rtol=0, atol=1e-6)
