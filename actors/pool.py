@@ -2,10 +2,12 @@
 ClientWorker Ray actors. Both return the round's fold, merged in worker order."""
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from actors.protocol import client_cost
 from actors.worker import ClientWorker, Partial
 
 
@@ -337,7 +339,7 @@ class RayPool:
     def groups(self, client_ids: list[int], active: list[int]) -> dict[int, list[int]]:
         """Worker -> the clients it runs this round (each on a worker of its own group)."""
         if self.placement == "pooled" and self.assignment == "balanced":
-            cost = getattr(self.algorithm, "client_cost", lambda c: 1.0)
+            cost = functools.partial(client_cost, self.algorithm)
             out: dict[int, list[int]] = {}
             for g in sorted({self.client_group[c] for c in client_ids}):
                 mine = self._in_group(g, active)

@@ -65,7 +65,9 @@ class ClientContext:
 
 @runtime_checkable
 class Algorithm(Protocol):
-    """Names mirror DESIGN.md. `Acc` is whatever the fold carries; it must pickle."""
+    """The core every algorithm has (names mirror DESIGN.md). `Acc` is whatever the fold
+    carries; it must pickle. Everything else an algorithm may do is one of the optional
+    groups below, declared by implementing it and found with `isinstance`, never guessed."""
 
     def init_server(self) -> Any: ...
 
@@ -73,10 +75,6 @@ class Algorithm(Protocol):
 
     def build_resident(self) -> Any:
         """Build the objects a worker keeps for its lifetime (called once per worker)."""
-        ...
-
-    def client_data(self, client_id: int) -> Any:
-        """Load one client's private data (called inside the worker that serves it)."""
         ...
 
     def client_step(self, ctx: ClientContext, msg: Broadcast) -> ClientResult: ...
@@ -93,11 +91,118 @@ class Algorithm(Protocol):
 
     def evaluate(self, state: Any) -> dict[str, float]: ...
 
-    def state_tensors(self, state: Any) -> Tensors:
-        """Flatten the server state for a checkpoint."""
-        ...
+
+# --- optional groups: what the runtime does without one is said in each -----------------
+
+
+@runtime_checkable
+class GuardableUpdates(Protocol):
+    """Clients return tensors with the keys and shapes of a reference they were sent, so an
+    update is `result - reference`: screening, simulated attacks, robust rules, DP and SecAgg
+    apply (raysim/guard.py). Without it, those options are config errors."""
+
+    def client_reference(self, msg: Broadcast, client_id: int) -> Tensors: ...
+
+
+@runtime_checkable
+class ClientFamilies(Protocol):
+    """Clients of different kinds (e.g. CreamFL's image, text and image-text clients), which
+    `runtime.worker_groups` can serve from groups of their own. Without it: one family,
+    "default"."""
+
+    def client_families(self) -> list[str]: ...
+
+    def client_family(self, client_id: int) -> str: ...
+
+
+@runtime_checkable
+class LoraAggregation(Protocol):
+    """The fold combines LoRA factors by `algorithm.lora_aggregation` (factors, product,
+    hetlora). Without it, setting that key is a config error."""
+
+    def lora_aggregation(self) -> str: ...
+
+
+@runtime_checkable
+class HeterogeneousRanks(Protocol):
+    """Clients may train adapters of different ranks (`lora.client_ranks`). Without it,
+    setting that key is a config error."""
+
+    def client_rank(self, client_id: int) -> int: ...
+
+
+@runtime_checkable
+class ClientCosts(Protocol):
+    """Relative work of one client step, for `runtime.assignment: balanced`. Without it:
+    every client costs the same."""
+
+    def client_cost(self, client_id: int) -> float: ...
+
+
+@runtime_checkable
+class DownloadSize(Protocol):
+    """Bytes a client receives of a broadcast, when it is not all of `msg.tensors` (e.g. a
+    rank-truncated adapter). Without it: `tensors_nbytes(msg.tensors)`."""
+
+    def bytes_down(self, msg: Broadcast, client_id: int) -> int: ...
+
+
+@runtime_checkable
+class CheckpointState(Protocol):
+    """A server state that is not itself a flat dict of tensors. Without it, the state is
+    saved and loaded as it is."""
+
+    def state_tensors(self, state: Any) -> Tensors: ...
 
     def load_state_tensors(self, tensors: Tensors) -> Any: ...
+
+
+@runtime_checkable
+class RoundMetrics(Protocol):
+    """Numbers the round's fold yields besides the new state (e.g. per-client contribution
+    scores), computed from the fold itself and written into the round's record."""
+
+    def round_metrics(self, acc: Any) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class FinalOutputs(Protocol):
+    """Files written into the run directory at the end (e.g. the adapter and its base)."""
+
+    def save_final(self, state: Any, run_dir: Any) -> None: ...
+
+
+@runtime_checkable
+class RunSummary(Protocol):
+    """Entries added to summary.json, computed from the run's records."""
+
+    def summary_extra(self, history: list[dict]) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class ConfigProblems(Protocol):
+    """Combinations of settings this algorithm cannot honour, beyond the ones the optional
+    groups above cover; each problem names its key. Checked before anything runs."""
+
+    def config_problems(self) -> list[str]: ...
+
+
+def bytes_down(algorithm: Any, msg: Broadcast, client_id: int) -> int:
+    if isinstance(algorithm, DownloadSize):
+        return algorithm.bytes_down(msg, client_id)
+    return tensors_nbytes(msg.tensors)
+
+
+def client_cost(algorithm: Any, client_id: int) -> float:
+    return algorithm.client_cost(client_id) if isinstance(algorithm, ClientCosts) else 1.0
+
+
+def state_tensors(algorithm: Any, state: Any) -> Tensors:
+    return algorithm.state_tensors(state) if isinstance(algorithm, CheckpointState) else state
+
+
+def load_state_tensors(algorithm: Any, tensors: Tensors) -> Any:
+    return algorithm.load_state_tensors(tensors) if isinstance(algorithm, CheckpointState) else tensors
 
 
 def tensors_nbytes(tensors: Mapping[str, torch.Tensor]) -> int:

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import torch
 
-from actors.protocol import ClientContext, tensors_nbytes
+from actors.protocol import ClientContext, bytes_down, tensors_nbytes
 from actors.state_store import ClientStateStore
 
 
@@ -78,7 +78,7 @@ class ClientWorker:
             part.client_metrics[cid] = dict(result.metrics)
             part.num_examples += result.num_examples
             part.bytes_up += tensors_nbytes(result.tensors)
-            part.bytes_down += self.algorithm.bytes_down(msg, cid)
+            part.bytes_down += bytes_down(self.algorithm, msg, cid)
             self.store.put(cid, msg.round, ctx.state, base=versions.get(cid, 0))
         part.compute_s = time.perf_counter() - t0
         return part

@@ -63,7 +63,7 @@ def measure(clients: int, params: int, workers: int, run_dir: str, tensors: int 
     t.start()
     t0 = time.perf_counter()
     out = engine.pool.run_round(msg, client_ids, {})
-    new_state = engine.algorithm.finalize(engine.state, out.acc)
+    new_state = engine.guarded.finalize(engine.state, out.acc, 1, msg, out.accepted, out.late, engine.pool.client_call).state
     stop.set()
     t.join()
     rec = {"clients": out.accepted}

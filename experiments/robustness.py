@@ -88,9 +88,9 @@ def run(overrides: list[str]) -> dict:
     """One run in this process: initial and final accuracy and, for a run that buffers updates
     (a robust rule or the screen), per round {"w": {client: claimed examples}, "kept": ids the rule
     used, "screened": ids the screen dropped, "ratio": {client: norm / median norm}}."""
-    from raysim import robust
+    from raysim.guard import robust
     from raysim.cli import main
-    from raysim.screening import global_norm
+    from raysim.aggregation import global_norm
 
     log: list[dict] = []
     pending: dict = {}  # the screen's record of this round, completed by the rule

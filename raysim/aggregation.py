@@ -14,6 +14,7 @@ No Ray imports: this module is plain torch so it is trivially testable.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -314,3 +315,15 @@ def truncate_lora(tensors: Tensors, r: int) -> Tensors:
         out[a_key] = a.detach()[:r].clone()
         out[b_key] = b.detach()[:, :r].clone()
     return out
+
+
+def global_norm(update: Tensors) -> float:
+    """L2 norm of every element of every tensor, accumulated in float64.
+
+    float64 matters: a float32 sum of squares of a large adapter can overflow to inf
+    (or lose the small entries) and reject a legitimate update.
+    """
+    total = 0.0
+    for t in update.values():
+        total += float(t.detach().to(torch.float64).square().sum())
+    return math.sqrt(total)

@@ -95,12 +95,14 @@ def _pretrain(cfg) -> int:
 def _load_engine(cfg, source: str):
     """Check `algorithm.options` and import the engine: this imports torch, transformers and
     the algorithm (seconds), so in Ray mode it runs while Ray starts."""
-    from raysim import algorithms, groups
+    from raysim import algorithms, capabilities, groups
     from raysim.config import algorithm_options
 
     algorithm_options(cfg, source)
+    algorithm = algorithms.load(cfg.algorithm.name)(cfg)
+    capabilities.check(cfg, algorithm, source)  # an option it cannot honour: exit 2, nothing run
     if cfg.runtime.worker_groups:  # a family the algorithm does not have: fail before the run starts
-        groups.resolve(cfg, algorithms.load(cfg.algorithm.name)(cfg), source)
+        groups.resolve(cfg, algorithm, source)
     from raysim.engine import Engine
 
     return Engine

@@ -20,9 +20,11 @@ from actors.worker import ClientWorker, peak_rss_mb
 from raysim import algorithms
 from raysim.checkpoint import load_latest, save_checkpoint
 from raysim.config import ConfigError, ExperimentConfig, config_from_dict, save_config
+from actors.protocol import FinalOutputs, RunSummary, load_state_tensors, state_tensors
+from raysim import capabilities
 from raysim import groups as worker_groups
-from raysim.guard import Guarded, client_public_key, reveal_for_dropped
-from raysim.screening import Quarantine, reject_kind
+from raysim.guard import Guarded
+from raysim.guard.screening import Quarantine, reject_kind
 from raysim.seeding import derive_seed, sample_clients
 from raysim.storage import Mirror, is_url, remove_tree
 
@@ -127,6 +129,7 @@ class Engine:
         self.t_start = time.perf_counter()
         self.cfg = cfg = config_from_dict(cfg_dict)
         self.algorithm = algorithms.load(cfg.algorithm.name)(cfg)
+        capabilities.check(cfg, self.algorithm)  # an option it cannot honour fails before anything is written
         # Which worker group serves which client (a bad family fails before anything is written).
         self.groups, client_group = worker_groups.resolve(cfg, self.algorithm)
         self.run = RunDir(run_dir, staging)
@@ -134,9 +137,8 @@ class Engine:
         self.sync_s = 0.0
         self._closing: threading.Thread | None = None  # finish()'s curves and last upload
         self._closing_error: BaseException | None = None
-        if hasattr(self.algorithm, "client_reference"):  # screening, robust rules, DP, SecAgg
-            self.algorithm = Guarded(self.algorithm, cfg)
-        self.guard = self.algorithm if isinstance(self.algorithm, Guarded) else None
+        # What the workers run and the driver folds: screening, robust rules, DP, SecAgg.
+        self.guarded = Guarded(self.algorithm, cfg, self.run.client_state)
         self.quarantine = Quarantine(cfg.robust.quarantine_strikes, cfg.robust.quarantine_rounds)
         ckpt = load_latest(self.run.path) if resume else None
         # versions[c]: the round that wrote client c's current state (absent: never trained)
@@ -147,7 +149,7 @@ class Engine:
             self.history = self.run.truncate_metrics(-1)
         else:
             self.round, tensors, meta = ckpt
-            self.state = self.algorithm.load_state_tensors(tensors)
+            self.state = load_state_tensors(self.algorithm, tensors)
             self.versions = {int(c): v for c, v in meta.get("client_versions", {}).items()}
             if "quarantine" in meta:
                 self.quarantine = Quarantine.from_dict(meta["quarantine"])
@@ -159,14 +161,14 @@ class Engine:
         rt = cfg.runtime
         budget = int(rt.state_memory_mb * 2**20) if rt.state_memory_mb else None
         if rt.num_workers == 0:
-            self.pool = LocalPool(self.algorithm, seed_fn, state_root, budget, cfg.checkpoint.every + 1)
+            self.pool = LocalPool(self.guarded, seed_fn, state_root, budget, cfg.checkpoint.every + 1)
         else:
             inline = None
             if _warm_start(rt, self.groups):
                 # The workers' thread count: the driver shares the cores with them while they start.
-                inline = ClientWorker(self.algorithm, -1, seed_fn, state_root, rt.torch_threads, budget, cfg.checkpoint.every + 1)
+                inline = ClientWorker(self.guarded, -1, seed_fn, state_root, rt.torch_threads, budget, cfg.checkpoint.every + 1)
             self.pool = RayPool(
-                self.algorithm,
+                self.guarded,
                 seed_fn,
                 state_root,
                 num_clients=cfg.clients.total,
@@ -218,12 +220,7 @@ class Engine:
         r = self.round + 1
         t0 = time.perf_counter()
         client_ids, keep = self._sample(r)
-        msg = self.algorithm.broadcast(self.state, r, client_ids)
-        secagg_root = self.run.client_state  # each client's secret sits with its state
-        if cfg.privacy.secure_aggregation:
-            # Key advertisement: each client's public key, computed where the client runs.
-            public = self.pool.client_call(client_public_key, client_ids, r, secagg_root)
-            msg = dataclasses.replace(msg, payload={**msg.payload, "secagg_public": public, "secagg_state_root": secagg_root})
+        msg = self.guarded.prepare(self.algorithm.broadcast(self.state, r, client_ids), client_ids, self.pool.client_call)
         versions = {c: self.versions[c] for c in client_ids if c in self.versions}
         out = self.pool.run_round(
             msg,
@@ -236,22 +233,8 @@ class Engine:
         for c in out.accepted:
             self.versions[c] = r
         t_agg = time.perf_counter()
-        extra = {}
-        if self.guard is not None:
-            if cfg.privacy.secure_aggregation:
-                # Every sampled client advertised a key and was masked with by its peers. Those
-                # whose masked update was not summed (late, or rejected by screening on their
-                # worker) leave masks that do not cancel: the survivors reveal those pair seeds.
-                rejected = set(out.acc.rejected)
-                missing = sorted(set(out.late) | rejected)
-                survivors = [c for c in out.accepted if c not in rejected]
-                if missing and survivors:
-                    dropped = {d: msg.payload["secagg_public"][d] for d in missing}
-                    revealed = {}
-                    for seeds in self.pool.client_call(reveal_for_dropped, survivors, dropped, r, secagg_root).values():
-                        revealed.update(seeds)
-                    extra["revealed"] = revealed
-        self.state = self.algorithm.finalize(self.state, out.acc, **extra)
+        outcome = self.guarded.finalize(self.state, out.acc, r, msg, out.accepted, out.late, self.pool.client_call)
+        self.state = outcome.state
         aggregate_s = out.merge_s + time.perf_counter() - t_agg
         record = {
             "round": r,
@@ -262,22 +245,19 @@ class Engine:
         }
         if len(client_ids) != len(out.accepted) or rt.round_deadline_s:
             record["sampled"], record["late"] = client_ids, out.late
-        if self.guard is not None:
-            rejected = out.acc.rejected
+        if self.guarded.screens:
+            rejected = outcome.rejected
             for c in out.accepted:
                 self.quarantine.record(c, r, c not in rejected)
             record["rejected"] = dict(Counter(reject_kind(v) for v in rejected.values()))
             record["rejected_clients"] = sorted(rejected)
             record["quarantined"] = sorted(int(c) for c in self.quarantine.quarantined(r + 1))
-            if cfg.privacy.dp:
-                record["epsilon"] = self.guard.epsilon(r)
+        record.update(outcome.metrics)  # e.g. DP's epsilon, fedlarge's per-client contribution
         means = client_metric_means(out.client_metrics)
         if "train_loss" in means:
             record["train_loss"] = means["train_loss"]
         if means:  # every metric the clients report (e.g. fedlarge's kept_fraction), averaged
             record["client_means"] = means
-        if hasattr(self.algorithm, "round_metrics"):  # e.g. fedlarge's per-client contribution
-            record.update(self.algorithm.round_metrics())
         t_eval = time.perf_counter()
         if r % cfg.eval.every == 0 or r == cfg.rounds:
             record.update(self.algorithm.evaluate(self.state))
@@ -290,7 +270,7 @@ class Engine:
                 "client_versions": {str(c): v for c, v in sorted(self.versions.items())},
                 "quarantine": self.quarantine.to_dict(),
             }
-            save_checkpoint(self.run.path, r, self.algorithm.state_tensors(self.state), meta, cfg.checkpoint.keep_last)
+            save_checkpoint(self.run.path, r, state_tensors(self.algorithm, self.state), meta, cfg.checkpoint.keep_last)
         checkpoint_s = time.perf_counter() - t_ckpt
         if rt.num_workers:
             record["workers"] = out.workers  # remote workers that served the round (0: the driver)
@@ -321,7 +301,7 @@ class Engine:
         `run_peak_pss_mb`: the CLI's sampler over every process of the run. With
         `wait=False` curves.png is drawn in a thread (matplotlib: ~1 s) while the caller
         shuts Ray down (~1 s of waiting for its processes), and `close()` joins it."""
-        if hasattr(self.algorithm, "save_final"):
+        if isinstance(self.algorithm, FinalOutputs):
             self.algorithm.save_final(self.state, self.run.path)
         metric_keys = [k for k in self.history[0] if isinstance(self.history[0][k], float) and not k.endswith("_s")]
         evaluated = [h for h in self.history if all(k in h for k in metric_keys)]
@@ -344,7 +324,7 @@ class Engine:
         }
         if self.run.mirror is not None:
             summary["storage_sync_s"] = self.sync_s  # uploads after each checkpoint (not the final one)
-        if hasattr(self.algorithm, "summary_extra"):
+        if isinstance(self.algorithm, RunSummary):
             summary.update(self.algorithm.summary_extra(self.history))
         (self.run.path / "summary.json").write_text(json.dumps(summary, indent=1))
         self.pool.shutdown()

@@ -1,14 +1,14 @@
 """Worker groups: which set of ClientWorker actors (with which resources) serves which
-client. An algorithm with different kinds of clients names them through two optional
-methods, `client_families() -> list[str]` (every family it can have) and
-`client_family(client_id) -> str`; without them every client is of the family
-"default". `runtime.worker_groups` gives families their own groups; the runtime keys
+client. An algorithm with different kinds of clients names them by implementing
+`ClientFamilies` (actors/protocol.py): `client_families()` (every family it can have) and
+`client_family(client_id)`; without it every client is of the family "default". `runtime.worker_groups` gives families their own groups; the runtime keys
 num_workers / num_cpus_per_worker / num_gpus_per_worker / resources_per_worker form the
 group "default", which serves every family no group lists."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from actors.protocol import ClientFamilies
 from raysim.config import DEFAULT_GROUP, ConfigError, ExperimentConfig
 
 
@@ -24,11 +24,11 @@ class Group:
 
 
 def families_of(algorithm) -> list[str]:
-    return list(algorithm.client_families()) if hasattr(algorithm, "client_families") else [DEFAULT_GROUP]
+    return list(algorithm.client_families()) if isinstance(algorithm, ClientFamilies) else [DEFAULT_GROUP]
 
 
 def family_of(algorithm, client_id: int) -> str:
-    return algorithm.client_family(client_id) if hasattr(algorithm, "client_family") else DEFAULT_GROUP
+    return algorithm.client_family(client_id) if isinstance(algorithm, ClientFamilies) else DEFAULT_GROUP
 
 
 def resolve(cfg: ExperimentConfig, algorithm, source: str = "<config>") -> tuple[list[Group], list[int]]:

@@ -9,7 +9,8 @@ from actors.protocol import Broadcast, ClientContext, ClientResult
 from conftest import tiny_overrides
 from raysim.cli import main
 from raysim.config import load_config
-from raysim.guard import Guarded, client_public_key
+from raysim.guard import Guarded, byzantine_clients
+from raysim.guard.secagg_keys import client_public_key
 
 FAST = {"clients.per_round": 4, "eval.every": 100}
 
@@ -74,7 +75,7 @@ def test_cosine_filter_clip_resists_byzantine_clients_where_mean_does_not(tmp_pa
     attack = {"rounds": 1, "faults.byzantine_fraction": 0.25, "faults.attack_scale": 20.0}
     cfg = load_config("configs/quickstart.yaml", tiny_overrides(**{**FAST, **attack}))
     sampled = set(records(run(tmp_path, "clean", rounds=1))[1]["clients"])
-    assert sampled & Guarded(None, cfg).byzantine  # the round has an attacker
+    assert sampled & byzantine_clients(cfg)  # the round has an attacker
     clean = final(tmp_path / "clean")
     mean = final(run(tmp_path, "mean", **attack))
     flt = final(run(tmp_path, "cos", **attack, **{"robust.rule": "cosine_filter_clip"}))
@@ -92,6 +93,11 @@ def test_dp_reports_growing_epsilon_and_adds_noise(tmp_path):
     assert 0.25 < per_coord < 0.6
 
 
+def _here(fn, client_ids, *args):
+    """The pool's client_call, for clients that all run in this process."""
+    return {c: fn(c, *args) for c in client_ids}
+
+
 def _guarded_clients(tmp_path):
     cfg = load_config("configs/quickstart.yaml", tiny_overrides(**{"privacy.secure_aggregation": "true"}))
 
@@ -102,40 +108,33 @@ def _guarded_clients(tmp_path):
         def client_reference(self, msg, cid):
             return msg.tensors
 
-    guard = Guarded(Echo(), cfg)
+    guard = Guarded(Echo(), cfg, str(tmp_path / "client_state"))
     ref = {"w": torch.randn(64, generator=torch.Generator().manual_seed(0))}
-    ids = [0, 1, 2]
-    state_root = str(tmp_path / "client_state")
-    public = {c: client_public_key(c, 1, state_root) for c in ids}
-    msg = Broadcast(1, ref, {"secagg_public": public, "secagg_state_root": state_root})
-    results = [guard.client_step(ClientContext(c, 1, 0, None, None, {}), msg) for c in ids]
+    msg = guard.prepare(Broadcast(1, ref), [0, 1, 2], _here)  # key advertisement
+    results = [guard.client_step(ClientContext(c, 1, 0, None, None, {}), msg) for c in (0, 1, 2)]
     return guard, ref, msg, results
 
 
 def test_secagg_driver_sees_only_masked_updates_and_the_exact_sum(tmp_path):
     guard, ref, msg, results = _guarded_clients(tmp_path)
+    assert sorted(msg.payload["secagg_public"]) == [0, 1, 2]
     for res in results:  # what leaves a client is uniform noise, not its update
         plain = np.round((0.01 * (res.client_id + 1)) * (10 + res.client_id) * 2**24)
         assert not np.any(res.tensors["w"].numpy() == plain)
     acc = guard.zero(msg)
     for res in results:
         guard.accumulate(acc, res)
-    new = guard.finalize(ref, acc)
+    new = guard.finalize(ref, acc, 1, msg, [0, 1, 2], [], _here).state
     expected = ref["w"] + sum((10 + c) * 0.01 * (c + 1) for c in range(3)) / 33
     torch.testing.assert_close(new["w"], expected, rtol=0, atol=1e-6)
 
 
 def test_secagg_recovers_a_dropped_clients_masks(tmp_path):
-    from raysim.guard import reveal_for_dropped
-
     guard, ref, msg, results = _guarded_clients(tmp_path)
     acc = guard.zero(msg)
     for res in results[:2]:  # client 2 drops after the keys were exchanged
         guard.accumulate(acc, res)
-    revealed = {}
-    for c in (0, 1):
-        revealed.update(reveal_for_dropped(c, {2: msg.payload["secagg_public"][2]}, 1, msg.payload["secagg_state_root"]))
-    new = guard.finalize(ref, acc, revealed=revealed)
+    new = guard.finalize(ref, acc, 1, msg, [0, 1], [2], _here).state  # the survivors reveal their seeds with 2
     expected = ref["w"] + (10 * 0.01 + 11 * 0.02) / 21
     torch.testing.assert_close(new["w"], expected, rtol=0, atol=1e-6)
 
@@ -231,7 +230,7 @@ def test_secagg_with_a_rejected_client_equals_the_plain_run_without_it(tmp_path)
 
 
 def test_dp_noise_cannot_be_regenerated_from_the_config(tmp_path):
-    from raysim.privacy import add_gaussian_noise
+    from raysim.guard.privacy import add_gaussian_noise
 
     over = {"rounds": 1, "privacy.dp": "true"}
     quiet = final(run(tmp_path, "quiet", **over, **{"privacy.noise_multiplier": 0.0}))

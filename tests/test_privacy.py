@@ -6,8 +6,8 @@ import pytest
 import torch
 from dp_accounting import rdp
 
-from raysim.privacy import DPAccountant, add_gaussian_noise, clip_update, noise_for_target_epsilon
-from raysim.screening import global_norm
+from raysim.guard.privacy import DPAccountant, add_gaussian_noise, clip_update, noise_for_target_epsilon
+from raysim.aggregation import global_norm
 
 Q, DELTA = 0.01, 1e-5  # e.g. 10 of 1000 clients per round (small q also keeps the library fast)
 

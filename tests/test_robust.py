@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from raysim.robust import (
+from raysim.guard.robust import (
     buffer_add,
     buffer_merge,
     buffer_subset,
@@ -25,7 +25,7 @@ from raysim.robust import (
     robust_aggregate,
     trimmed_mean,
 )
-from raysim.screening import global_norm
+from raysim.aggregation import global_norm
 
 
 def _u(*vals, other=None):

@@ -130,9 +130,9 @@ def test_warm_start_serves_clients_in_the_driver_until_workers_are_ready(tmp_pat
     msg = warm.algorithm.broadcast(warm.state, r, ids)
     shutil.copytree(warm.run.client_state, tmp_path / "states")
     torch.set_num_threads(1)
-    local = LocalPool(warm.algorithm, lambda rr, c: derive_seed(warm.cfg.seed, rr, c), str(tmp_path / "states"))
+    local = LocalPool(warm.guarded, lambda rr, c: derive_seed(warm.cfg.seed, rr, c), str(tmp_path / "states"))
     out = local.run_round(msg, ids, {c: warm.versions[c] for c in ids if c in warm.versions})
-    expected = warm.algorithm.finalize(warm.state, out.acc)
+    expected = warm.guarded.finalize(warm.state, out.acc, r, msg, out.accepted, out.late, local.client_call).state
 
     rec = warm.run_round()  # the remote workers' first round
     assert rec["workers"] >= 1 and rec["clients"] == ids

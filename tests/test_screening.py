@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from raysim.screening import REJECT_KINDS, Quarantine, check_update, global_norm, reject_kind
+from raysim.aggregation import global_norm
+from raysim.guard.screening import REJECT_KINDS, Quarantine, check_update, reject_kind
 
 
 def _ref():

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from raysim.secagg import (
+from raysim.guard.secagg import (
     MAX_CLIENTS,
     decode,
     encode,

@@ -47,12 +47,6 @@ class FedAvg:
     def evaluate(self, state: Tensors) -> dict[str, float]:
         return vlm_lora.evaluate_adapter(self._eval_resident, self.cfg, state)
 
-    def state_tensors(self, state: Tensors) -> Tensors:
-        return state
-
-    def load_state_tensors(self, tensors: Tensors) -> Tensors:
-        return tensors
-
     def save_final(self, state: Tensors, run_dir: Path) -> None:
         """run_dir/adapter loads with PeftModel.from_pretrained(base, run_dir/adapter), the
         base being run_dir/base_model (a copy of the pre-trained checkpoint)."""
@@ -72,6 +66,12 @@ class FedAvg:
         rank = vlm_lora.client_rank(self.cfg, client_id)
         sent = vlm_lora.for_client(msg.tensors, rank, vlm_lora.max_rank(self.cfg))
         return sum(t.numel() * t.element_size() for t in sent.values())
+
+    def lora_aggregation(self) -> str:
+        return self.cfg.algorithm.lora_aggregation  # read by vlm_lora's adapter fold
+
+    def client_rank(self, client_id: int) -> int:
+        return vlm_lora.client_rank(self.cfg, client_id)
 
     def client_reference(self, msg: Broadcast, client_id: int) -> Tensors:
         """What this client was sent: its update is its result minus this."""

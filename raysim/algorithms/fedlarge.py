@@ -684,15 +684,26 @@ class Resident:
 
 class FedLarge:
     def __init__(self, cfg: ExperimentConfig):
-        if cfg.lora.client_ranks:
-            raise ValueError("fedlarge uses one LoRA rank for all clients; drop lora.client_ranks")
         self.cfg = cfg
         self.opts: Options = algorithm_options(cfg)
         self.name = vlm_lora.adapter_name(cfg.lora.r)
-        self._pending_contribution: dict[int, float] | None = None
 
     def __getstate__(self):  # ship only the settings to workers; they rebuild the rest
-        return {"cfg": self.cfg, "opts": self.opts, "name": self.name, "_pending_contribution": None}
+        return {"cfg": self.cfg, "opts": self.opts, "name": self.name}
+
+    def config_problems(self) -> list[str]:
+        c = self.cfg
+        if self.opts.contribution != "none" and (c.privacy.dp or c.privacy.secure_aggregation or c.robust.rule != "mean"
+                                                  or c.robust.max_norm_ratio is not None):
+            return [
+                f"algorithm.options.contribution: '{self.opts.contribution}' (algorithm 'fedlarge') sketches every client's update,"
+                " which the driver does not see under privacy.dp, privacy.secure_aggregation or a robust.rule other than mean;"
+                " set it to 'none' or drop those options"
+            ]
+        return []
+
+    def lora_aggregation(self) -> str:
+        return self.cfg.algorithm.lora_aggregation  # read by vlm_lora's adapter fold
 
     # --- shared by driver and workers ---------------------------------------------
     @cached_property
@@ -747,29 +758,18 @@ class FedLarge:
         return Broadcast(round=round, tensors=state)
 
     def finalize(self, state: Tensors, acc: Acc) -> Tensors:
-        if acc.sketches:
-            self._pending_contribution = cosine_contributions(acc.sketches, acc.weights)
-        return agg.ws_mean(acc.ws)
+        return vlm_lora.adapter_fold_result(acc.ws, self.cfg)
 
-    def round_metrics(self) -> dict:
-        """This round's per-client contribution scores (once; see evaluate)."""
-        scores, self._pending_contribution = self._pending_contribution, None
+    def round_metrics(self, acc: Acc) -> dict:
+        """This round's per-client contribution scores, from the round's fold."""
+        scores = cosine_contributions(acc.sketches, acc.weights) if acc.sketches else {}
         return {"contribution": {str(c): s for c, s in scores.items()}} if scores else {}
 
     def evaluate(self, state: Tensors) -> dict:
         r = self._eval_resident
         activate(r.model, self.name)
         load_adapter_state(r.model, self.name, state)
-        metrics = vlm_lora.evaluate_dual_encoder(r.model, r.data, self.cfg.eval.batch_size, r.device)
-        # The engine writes what evaluate returns into the round's record; that is where
-        # the contribution scores computed in finalize reach metrics.jsonl.
-        return {**metrics, **self.round_metrics()}
-
-    def state_tensors(self, state: Tensors) -> Tensors:
-        return state
-
-    def load_state_tensors(self, tensors: Tensors) -> Tensors:
-        return tensors
+        return vlm_lora.evaluate_dual_encoder(r.model, r.data, self.cfg.eval.batch_size, r.device)
 
     def summary_extra(self, history: list[dict]) -> dict:
         """Contribution over the whole run: mean score per participation, and the ranking."""
@@ -817,9 +817,6 @@ class FedLarge:
             res.group = RankGroup(functools.partial(GroupRank, self), o.world_size, o.rank_num_cpus, o.rank_num_gpus,
                                   self.cfg.runtime.torch_threads, env)
         return res.group
-
-    def bytes_down(self, msg: Broadcast, client_id: int) -> int:
-        return sum(t.numel() * t.element_size() for t in msg.tensors.values())
 
     def client_reference(self, msg: Broadcast, client_id: int) -> Tensors:
         """What this client was sent: its update is its result minus this."""
@@ -880,7 +877,7 @@ class FedLarge:
         return Acc(agg.ws_zero(), ref)
 
     def accumulate(self, acc: Acc, result: ClientResult) -> Acc:
-        acc.ws = agg.ws_add(acc.ws, result.tensors, float(result.num_examples))
+        acc.ws = vlm_lora.adapter_fold_add(acc.ws, result.tensors, float(result.num_examples), self.cfg)
         if acc.reference is not None:
             acc.sketches[result.client_id] = self.sketch(result.tensors) - acc.reference
             acc.weights[result.client_id] = float(result.num_examples)

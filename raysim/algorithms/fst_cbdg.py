@@ -193,12 +193,6 @@ class FstCbdg:
         zero_shot = x @ self._eval_resident.text_features.T
         return {"accuracy": accuracy(head_logits(state, x), y), "zero_shot_accuracy": accuracy(zero_shot, y)}
 
-    def state_tensors(self, state: Tensors) -> Tensors:
-        return state
-
-    def load_state_tensors(self, tensors: Tensors) -> Tensors:
-        return tensors
-
     def save_final(self, state: Tensors, run_dir: Path) -> None:
         """run_dir/head.safetensors: logits = image_features @ weight.T + bias, the image
         features being the frozen base's (pretrained_base_dir of this config)."""
@@ -208,8 +202,9 @@ class FstCbdg:
     def build_resident(self) -> Resident:
         return build_frozen(self.cfg, self.data)
 
-    def bytes_down(self, msg: Broadcast, client_id: int) -> int:
-        return sum(t.numel() * t.element_size() for t in msg.tensors.values())
+    def client_reference(self, msg: Broadcast, client_id: int) -> Tensors:
+        """A client returns the head it was sent, trained: screening, DP and SecAgg apply."""
+        return msg.tensors
 
     def _client_cache(self, ctx: ClientContext) -> dict[str, torch.Tensor]:
         """The client's frozen image features and soft labels, computed on its first visit."""

@@ -81,11 +81,5 @@ class Synthetic:
     def evaluate(self, state: Tensors) -> dict[str, float]:
         return {"norm": float(torch.cat([t.double() for t in state.values()]).norm())}
 
-    def state_tensors(self, state: Tensors) -> Tensors:
-        return state
-
-    def load_state_tensors(self, tensors: Tensors) -> Tensors:
-        return tensors
-
 
 ALGORITHM = Synthetic

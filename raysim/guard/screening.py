@@ -2,8 +2,6 @@
 
 API
 ---
-``global_norm(update) -> float``
-    L2 norm of all tensors of an update taken together (float64).
 ``check_update(update, reference, max_norm) -> str | None``
     ``None`` if the update may be aggregated, else a short reason ``"<kind>: <detail>"``
     where ``kind`` is one of ``REJECT_KINDS``:
@@ -35,23 +33,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from raysim.aggregation import global_norm
+
 Tensors = dict[str, torch.Tensor]
 
 REJECT_KINDS = ("type", "keys", "shape", "nonfinite", "norm")
 
 _MAX_NAMED = 5  # a hostile client could send thousands of keys; keep reasons short
-
-
-def global_norm(update: Tensors) -> float:
-    """L2 norm of every element of every tensor, accumulated in float64.
-
-    float64 matters: a float32 sum of squares of a large adapter can overflow to inf
-    (or lose the small entries) and reject a legitimate update.
-    """
-    total = 0.0
-    for t in update.values():
-        total += float(t.detach().to(torch.float64).square().sum())
-    return math.sqrt(total)
 
 
 def _names(keys) -> str:

@@ -89,7 +89,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from raysim.screening import global_norm
+from raysim.aggregation import global_norm
 
 Tensors = dict[str, torch.Tensor]
 
