@@ -29,6 +29,14 @@ class RoundOutput:
     served: dict[int, int] = field(default_factory=dict)  # client -> worker index (-1: the driver's process)
 
 
+@dataclass
+class Requeued:
+    """A round's worker losses: how many, and the clients re-run elsewhere."""
+
+    failures: int = 0
+    clients: list[int] = field(default_factory=list)
+
+
 class OrderedMerger:
     """Merges partials in worker order as soon as the next one in order has arrived, so
     the result never depends on timing and at most one partial per worker is held."""
@@ -280,6 +288,15 @@ class RayPool:
             self.stale.get(w, set()).discard(c)
             self.holder[c] = w
 
+    def _requeue(self, w: int, client_ids: list[int], lost: Requeued) -> int | None:
+        """Worker `w` died running `client_ids` (their state of earlier rounds is on disk):
+        note it, and name the live worker of its group that re-runs them (None: none is
+        left; the inline worker takes them). `w` rejoins once Ray has restarted it."""
+        lost.failures += 1
+        lost.clients.extend(client_ids)
+        self._lost(w)
+        return self._live_after(w)
+
     def _lost(self, i: int) -> None:
         """Worker i died: out of the pool; probe it again unless Ray will not restart it."""
         self.stale.pop(i, None)  # its memory went with it
@@ -427,7 +444,7 @@ class RayPool:
 
         for w in list(active):
             dispatch(w)
-        requeued, failures = [], 0
+        lost = Requeued()
         need_after_deadline = min(min_results or keep, keep)
         while (pending or queue) and len(accepted) < keep:
             timeout = None
@@ -456,12 +473,9 @@ class RayPool:
             try:
                 accepted[cid], served[cid] = ray.get(done[0]), w
             except RayActorError:
-                failures += 1
-                requeued.append(cid)
                 queue.insert(0, cid)
-                self._lost(w)
                 g = self.group_of[w]
-                w = self._live_after(w)
+                w = self._requeue(w, [cid], lost)
                 if w is None:
                     dispatch(None, g)
                     continue
@@ -472,7 +486,7 @@ class RayPool:
             merger.add(part)
         out = merger.out
         out.transfer_s = max(0.0, time.perf_counter() - t0 - out.compute_s - out.merge_s)
-        out.requeued, out.worker_failures = sorted(requeued), failures
+        out.requeued, out.worker_failures = sorted(lost.clients), lost.failures
         out.accepted = sorted(accepted)
         out.late = sorted([c for c, _ in pending.values()] + queue)
         for cid, w in pending.values():  # still running: the state they write on w is never read
@@ -491,7 +505,7 @@ class RayPool:
         pending = {
             self.workers[w].run.remote(msg_ref, ids, versions, self._forget(w)): (w, w, ids) for w, ids in groups.items()
         }
-        requeued, failures = [], 0
+        lost = Requeued()
         served: dict[int, int] = {}
         while pending:  # collect partials as they complete
             done, _ = ray.wait(list(pending), num_returns=1)
@@ -500,13 +514,8 @@ class RayPool:
                 part = ray.get(done[0])
                 served.update({c: w for c in ids})
             except RayActorError:
-                # The worker died (its clients' state of earlier rounds is on disk): re-run
-                # them on a live worker; it rejoins once Ray has restarted it. The partial
-                # keeps its slot in the merge order, so the result is unchanged.
-                failures += 1
-                requeued.extend(ids)
-                self._lost(w)
-                retry = self._live_after(w)
+                # The partial keeps its slot in the merge order, so the result is unchanged.
+                retry = self._requeue(w, ids, lost)
                 if retry is not None:
                     pending[self.workers[retry].run.remote(msg_ref, ids, versions, self._forget(retry))] = (slot, retry, ids)
                     continue
@@ -516,7 +525,7 @@ class RayPool:
             merger.add(part)
         out = merger.out
         out.transfer_s = max(0.0, time.perf_counter() - t0 - out.compute_s - out.merge_s)
-        out.requeued, out.worker_failures = sorted(requeued), failures
+        out.requeued, out.worker_failures = sorted(lost.clients), lost.failures
         out.accepted = sorted(client_ids)
         out.served = {c: served[c] for c in out.accepted}
         return out

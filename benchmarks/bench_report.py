@@ -49,7 +49,7 @@ def render(r: dict) -> str:
         "start-up there); after imports: from the end of the process's imports to the end of the work "
         "(Ray start and shutdown included); process: the whole command, measured from outside; peak memory: PSS "
         "of the whole process tree (driver, Ray's processes, workers), sampled every 0.5 s (raysim: "
-        "`summary.json` `peak_memory_mb`; the ideal and Flower: the same sampler, `raysim.memory`).",
+        "`summary.json` `peak_memory_mb`; the ideal and Flower: the same sampler, `raysim.run.memory`).",
         "",
         "| workload | side | steady round (s) | mean round (s) | first round (s) | after imports (s) | process (s) | peak memory (MB) | final adapter L2 norm |",
         "|---|---|---|---|---|---|---|---|---|",

@@ -22,7 +22,7 @@ def measure(clients: int, params: int, workers: int, run_dir: str, tensors: int 
     import ray
 
     from raysim.config import load_config
-    from raysim.engine import Engine
+    from raysim.run.engine import Engine
 
     overrides = [
         "algorithm.name=synthetic",
@@ -39,7 +39,7 @@ def measure(clients: int, params: int, workers: int, run_dir: str, tensors: int 
     cfg = load_config("configs/quickstart.yaml", overrides)
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=workers, include_dashboard=False, logging_level="ERROR")
-    engine = Engine(cfg.to_dict(), run_dir, False)
+    engine = Engine(cfg, run_dir, False)
     engine.start()
     proc = psutil.Process()
     base = proc.memory_info().rss

@@ -55,8 +55,8 @@ from actors.protocol import Broadcast, ClientContext  # noqa: E402
 from raysim import vlm_lora  # noqa: E402
 from raysim.config import config_from_dict, load_config  # noqa: E402
 from raysim.data import FederatedData  # noqa: E402
-from raysim.memory import PeakMemorySampler  # noqa: E402
-from raysim.seeding import derive_seed, sample_clients  # noqa: E402
+from raysim.run.memory import PeakMemorySampler  # noqa: E402
+from raysim.run.seeding import derive_seed, sample_clients  # noqa: E402
 
 T_IMPORTED = time.perf_counter()
 
@@ -68,7 +68,7 @@ _DATA: dict[str, object] = {}  # per-process cache of the data set (as Flower ex
 def _config_and_data(cfg_json: str):
     if cfg_json not in _DATA:
         cfg = config_from_dict(json.loads(cfg_json))
-        _DATA[cfg_json] = (cfg, FederatedData(cfg.data, cfg.clients.total, cfg.model.max_text_len, cfg.seed))
+        _DATA[cfg_json] = (cfg, FederatedData(cfg))
     return _DATA[cfg_json]
 
 
@@ -185,7 +185,7 @@ def make_server_app(cfg) -> ServerApp:
             algo = FedLarge(cfg)  # its evaluation model is built once, on first use
             initial, central_eval = ArrayRecord(algo.init_server()), algo.evaluate
         else:
-            data = FederatedData(cfg.data, cfg.clients.total, cfg.model.max_text_len, cfg.seed)
+            data = FederatedData(cfg)
             server_model = vlm_lora.build_resident(cfg, data)  # for the initial adapter and central evaluation
             initial = ArrayRecord(vlm_lora.initial_adapter(server_model, cfg))
 

@@ -38,19 +38,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from raysim import aggregation as agg  # noqa: E402
+from raysim.aggregate import weighted as agg  # noqa: E402
 from raysim import vlm_lora  # noqa: E402
 from raysim.config import load_config  # noqa: E402
 from raysim.data import FederatedData  # noqa: E402
-from raysim.memory import PeakMemorySampler  # noqa: E402
-from raysim.seeding import derive_seed, sample_clients  # noqa: E402
+from raysim.run.memory import PeakMemorySampler  # noqa: E402
+from raysim.run.seeding import derive_seed, sample_clients  # noqa: E402
 
 T_IMPORTED = time.perf_counter()
 
 
 def vlm_lora_loop(cfg):
     """raysim's FedAvg (and the quickstart's algorithm) on the shared tiny CLIP."""
-    data = FederatedData(cfg.data, cfg.clients.total, cfg.model.max_text_len, cfg.seed)
+    data = FederatedData(cfg)
     resident = vlm_lora.build_resident(cfg, data)  # base model built once, LoRA added once
     r_max = vlm_lora.max_rank(cfg)
     sizes = data.client_sizes()

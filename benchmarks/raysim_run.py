@@ -30,7 +30,7 @@ if PREIMPORT:
     import torch  # noqa: E402,F401
     import transformers  # noqa: E402,F401
 
-    import raysim.engine  # noqa: E402,F401
+    import raysim.run.engine  # noqa: E402,F401
 from raysim import cli  # noqa: E402
 
 T_IMPORTED = time.perf_counter()

@@ -117,7 +117,7 @@ def _run(cmd: list[str], logfile: Path, env: dict | None = None) -> float:
 
 
 def run_raysim(overrides: list[str], scratch: Path, tag: str, preimport: bool = True, config: str = CONFIG) -> dict:
-    from raysim.checkpoint import load_latest
+    from raysim.run.checkpoint import load_latest
     from raysim.vlm_lora import l2_norm
 
     out = scratch / f"raysim-{tag}"
@@ -446,7 +446,7 @@ def count_params(overrides: list[str], config: str = CONFIG) -> dict:
         "if c.algorithm.name=='fedlarge':\n"
         " from raysim.algorithms.fedlarge import FedLarge;m=FedLarge(c).build_resident().model\n"
         "else:\n"
-        " d=FederatedData(c.data,c.clients.total,c.model.max_text_len,c.seed);m=v.build_resident(c,d).model\n"
+        " d=FederatedData(c);m=v.build_resident(c,d).model\n"
         "print(json.dumps({'total':sum(p.numel() for p in m.parameters()),"
         "'trainable':sum(p.numel() for p in m.parameters() if p.requires_grad)}))"
     )

@@ -48,8 +48,8 @@ def soak(
     import psutil
 
     from raysim.config import load_config
-    from raysim.engine import Engine
-    from raysim.memory import tree_memory_mb
+    from raysim.run.engine import Engine
+    from raysim.run.memory import tree_memory_mb
 
     overrides = [
         f"rounds={rounds}", f"clients.total={clients}", "clients.per_round=10", "runtime.num_workers=2",
@@ -63,7 +63,7 @@ def soak(
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
     t0 = time.perf_counter()
-    engine = Engine(cfg.to_dict(), run_dir, False)
+    engine = Engine(cfg, run_dir, False)
     engine.start()
     me = psutil.Process()
     series, rss, procs_warm, stores_warm = [], [], {}, []

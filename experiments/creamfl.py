@@ -58,14 +58,14 @@ def run_one(variant: str, rounds: int, seed: int) -> None:
 
     torch.set_num_threads(1)  # two runs share two cores
     from raysim.config import load_config
-    from raysim.engine import Engine
+    from raysim.run.engine import Engine
 
     overrides = [f"rounds={rounds}", f"seed={seed}", "runtime.num_workers=0", *VARIANTS[variant]]
     cfg = load_config(CONFIG, overrides)
     out = RUNS / variant
     shutil.rmtree(out, ignore_errors=True)  # our own output from an earlier run
     t0 = time.perf_counter()
-    engine = Engine(cfg.to_dict(), str(out), resume=False)
+    engine = Engine(cfg, str(out), resume=False)
     engine.start()
     while not engine.done():
         engine.run_round()

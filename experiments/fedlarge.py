@@ -75,13 +75,13 @@ def run_one(variant: str, rounds: int, seed: int) -> float:
 
     torch.set_num_threads(1)  # two runs share two cores
     from raysim.config import load_config
-    from raysim.engine import Engine
+    from raysim.run.engine import Engine
 
     cfg = load_config(CONFIG, overrides(variant, rounds, seed))
     out = run_dir(variant, seed)
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    engine = Engine(cfg.to_dict(), str(out), resume=False)
+    engine = Engine(cfg, str(out), resume=False)
     engine.start()
     while not engine.done():
         engine.run_round()

@@ -58,7 +58,7 @@ def run_one(rate, variant: str, rounds: int, seed: int) -> tuple:
 
     torch.set_num_threads(1)  # two runs share two cores
     from raysim.config import load_config
-    from raysim.engine import Engine
+    from raysim.run.engine import Engine
 
     central = rate == CENTRAL[0]
     overrides = [
@@ -75,7 +75,7 @@ def run_one(rate, variant: str, rounds: int, seed: int) -> tuple:
     out = RUNS / f"p{rate}-{variant}"
     shutil.rmtree(out, ignore_errors=True)  # our own output from an earlier run
     t0 = time.perf_counter()
-    engine = Engine(cfg.to_dict(), str(out), resume=False)
+    engine = Engine(cfg, str(out), resume=False)
     engine.start()
     while not engine.done():
         engine.run_round()
@@ -186,7 +186,7 @@ def section(results: dict, per_digit: dict, rounds: int, seed: int, seconds: flo
 
     cfg = load_config(CONFIG, [f"rounds={rounds}", f"seed={seed}"])
     o, t = cfg.algorithm.options, cfg.train
-    data = FederatedData(cfg.data, cfg.clients.total, cfg.model.max_text_len, cfg.seed)
+    data = FederatedData(cfg)
     phase_c = rounds - o["phase_a"] - o["phase_b"]
     lines = [
         BEGIN,

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from raysim.config import load_config  # noqa: E402
-from raysim.engine import Engine  # noqa: E402
+from raysim.run.engine import Engine  # noqa: E402
 
 CONFIG = ROOT / "configs" / "fst_cbdg.yaml"
 RESULTS = ROOT / "docs" / "results.md"
@@ -55,7 +55,7 @@ CENTRAL = {
 def run(overrides: list[str]) -> list[dict]:
     cfg = load_config(CONFIG, ["runtime.num_workers=0", f"rounds={ROUNDS}", *overrides])
     with tempfile.TemporaryDirectory() as tmp:
-        engine = Engine(cfg.to_dict(), tmp, resume=False)
+        engine = Engine(cfg, tmp, resume=False)
         engine.start()
         while not engine.done():
             engine.run_round()

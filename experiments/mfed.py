@@ -48,7 +48,7 @@ def run_one(layout: str, mode: str, rounds: int, seed: int) -> tuple[str, str, l
 
     torch.set_num_threads(1)  # two runs share two cores
     from raysim.config import load_config
-    from raysim.engine import Engine
+    from raysim.run.engine import Engine
 
     tasks = "{" + ", ".join(f"{t}: {n}" for t, n in LAYOUTS[layout].items()) + "}"
     overrides = [
@@ -62,7 +62,7 @@ def run_one(layout: str, mode: str, rounds: int, seed: int) -> tuple[str, str, l
     out = RUNS / f"{layout}-{mode}"
     shutil.rmtree(out, ignore_errors=True)  # our own output from an earlier run
     t0 = time.perf_counter()
-    engine = Engine(cfg.to_dict(), str(out), resume=False)
+    engine = Engine(cfg, str(out), resume=False)
     engine.start()
     while not engine.done():
         engine.run_round()
@@ -133,7 +133,7 @@ def section(results: dict, rounds: int, seed: int, run_seconds: list[float]) -> 
 
     cfg = load_config(CONFIG, [f"rounds={rounds}", f"seed={seed}"])
     o, t = cfg.algorithm.options, cfg.train
-    data = FederatedData(cfg.data, cfg.clients.total, cfg.model.max_text_len, cfg.seed)
+    data = FederatedData(cfg)
     lines = [
         BEGIN,
         "## M-Fed: multi-task FL through a shared encoder",

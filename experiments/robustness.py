@@ -78,7 +78,7 @@ def byzantine(seed: int) -> list[int]:
 
 def attackers_per_round(seed: int) -> list[int]:
     from raysim.config import load_config
-    from raysim.seeding import sample_clients
+    from raysim.run.seeding import sample_clients
 
     cfg, bad = load_config(str(CONFIG), [*COMMON, f"seed={seed}"]), set(byzantine(seed))
     return [sum(c in bad for c in sample_clients(seed, r, cfg.clients.total, cfg.clients.per_round)) for r in range(1, cfg.rounds + 1)]
@@ -88,9 +88,9 @@ def run(overrides: list[str]) -> dict:
     """One run in this process: initial and final accuracy and, for a run that buffers updates
     (a robust rule or the screen), per round {"w": {client: claimed examples}, "kept": ids the rule
     used, "screened": ids the screen dropped, "ratio": {client: norm / median norm}}."""
-    from raysim.guard import robust
+    from raysim.aggregate import robust
     from raysim.cli import main
-    from raysim.aggregation import global_norm
+    from raysim.aggregate.robust import global_norm
 
     log: list[dict] = []
     pending: dict = {}  # the screen's record of this round, completed by the rule

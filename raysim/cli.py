@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     pre = sub.add_parser("pretrain", help="pre-train (or find cached) the base model of a config")
     pre.add_argument("config")
     pre.add_argument("overrides", nargs="*")
-    from raysim import jobs, k8s
+    from raysim.deploy import jobs, k8s
 
     jobs.add_commands(sub)  # submit, jobs status|logs|stop|list
     k8s.add_commands(sub)  # k8s render
@@ -67,13 +67,16 @@ def main(argv: list[str] | None = None) -> int:
     # shows its own progress; a bar per process and model loaded or saved is noise.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # Imported here so `raysim --help` and config errors come back fast.
-    from raysim.checkpoint import CheckpointError
+    from raysim.run.checkpoint import CheckpointError
     from raysim.config import ConfigError, load_config
 
     try:
         # The algorithm's options are checked by _run (in parallel with Ray's start-up).
-        cfg = load_config(args.config, args.overrides, with_algorithm=args.command == "pretrain")
+        cfg = load_config(args.config, args.overrides)
         if args.command == "pretrain":
+            from raysim.algorithms import options_of
+
+            options_of(cfg, args.config)
             return _pretrain(cfg)
         return _run(cfg, args)
     except (ConfigError, CheckpointError) as err:
@@ -95,15 +98,15 @@ def _pretrain(cfg) -> int:
 def _load_engine(cfg, source: str):
     """Check `algorithm.options` and import the engine: this imports torch, transformers and
     the algorithm (seconds), so in Ray mode it runs while Ray starts."""
-    from raysim import algorithms, capabilities, groups
-    from raysim.config import algorithm_options
+    from raysim import algorithms, capabilities
+    from raysim.run import groups
 
-    algorithm_options(cfg, source)
+    algorithms.options_of(cfg, source)
     algorithm = algorithms.load(cfg.algorithm.name)(cfg)
     capabilities.check(cfg, algorithm, source)  # an option it cannot honour: exit 2, nothing run
     if cfg.runtime.worker_groups:  # a family the algorithm does not have: fail before the run starts
         groups.resolve(cfg, algorithm, source)
-    from raysim.engine import Engine
+    from raysim.run.engine import Engine
 
     return Engine
 
@@ -147,12 +150,12 @@ def _start_ray(cfg, load_engine):
 def _run(cfg, args) -> int:
     from rich.console import Console
 
-    from raysim.checkpoint import CheckpointError
+    from raysim.run.checkpoint import CheckpointError
     from raysim.config import ConfigError
 
-    from raysim.report import summary_table
+    from raysim.run.report import summary_table
 
-    from raysim.storage import Mirror, is_url
+    from raysim.run.storage import Mirror, is_url
 
     console = Console(stderr=False, quiet=args.quiet)
     rt = cfg.runtime
@@ -168,7 +171,7 @@ def _run(cfg, args) -> int:
     resume = "auto" if args.auto_resume else args.resume
     load_engine = functools.partial(_load_engine, cfg, args.config)
 
-    from raysim.memory import PeakMemorySampler
+    from raysim.run.memory import PeakMemorySampler
 
     # Sampled from the start: the peak of the whole process tree (Ray, workers) lands in summary.json.
     with PeakMemorySampler() as memory:
@@ -177,12 +180,12 @@ def _run(cfg, args) -> int:
         started_ray = False
         if rt.num_workers == 0 or rt.driver == "process":  # the round loop runs in this process
             if rt.num_workers == 0:
-                engine = load_engine()(cfg.to_dict(), str(out), resume, staging)
+                engine = load_engine()(cfg, str(out), resume, staging)
             else:
                 import ray
 
                 started_ray = not ray.is_initialized()  # else the caller's Ray (tests, notebooks): left running
-                engine = _start_ray(cfg, load_engine)(cfg.to_dict(), run_dir, resume, staging)
+                engine = _start_ray(cfg, load_engine)(cfg, run_dir, resume, staging)
             call = lambda method, *a: getattr(engine, method)(*a)  # noqa: E731
             shutdown = lambda: None  # noqa: E731
             in_process = engine
@@ -194,7 +197,7 @@ def _run(cfg, args) -> int:
             from actors.driver import Driver
             from actors.worker import peak_rss_mb
 
-            driver = Driver.remote(engine_cls, cfg.to_dict(), run_dir, resume, staging)
+            driver = Driver.remote(engine_cls, cfg, run_dir, resume, staging)
             cli_rss = peak_rss_mb
 
             def call(method, *a):

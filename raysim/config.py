@@ -366,7 +366,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
+def format_errors(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
@@ -379,9 +379,9 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return f"invalid config {source}:\n" + "\n".join(lines)
 
 
-def config_from_dict(data: Any, source: str = "<dict>", with_algorithm: bool = True) -> ExperimentConfig:
-    """`with_algorithm=False` skips `algorithm.options` (it imports the algorithm's module,
-    i.e. torch); call `algorithm_options(cfg)` later."""
+def config_from_dict(data: Any, source: str = "<dict>") -> ExperimentConfig:
+    """The typed config. `algorithm.options` belongs to the algorithm (importing it imports
+    torch): raysim.algorithms.options_of checks it."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -389,36 +389,11 @@ def config_from_dict(data: Any, source: str = "<dict>", with_algorithm: bool = T
     try:
         cfg = ExperimentConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, source)) from None
-    if with_algorithm:
-        algorithm_options(cfg, source)
+        raise ConfigError(format_errors(err, source)) from None
     return cfg
 
 
-def algorithm_options(cfg: ExperimentConfig, source: str = "<config>"):
-    """The algorithm's validated `algorithm.options` (None if it declares no Options model)."""
-    from raysim import algorithms
-
-    try:
-        module = algorithms.module_of(cfg.algorithm.name)
-    except ValueError as err:
-        raise ConfigError(f"invalid config {source}:\n  - algorithm.name: {err}") from None
-    model = getattr(module, "Options", None)
-    if model is None:
-        if cfg.algorithm.options:
-            raise ConfigError(
-                f"invalid config {source}:\n  - algorithm.options: {cfg.algorithm.name} takes no options, "
-                f"got {sorted(cfg.algorithm.options)}"
-            )
-        return None
-    try:
-        return model.model_validate(cfg.algorithm.options)
-    except ValidationError as err:
-        text = _format_errors(err, source).replace("\n  - ", "\n  - algorithm.options.")
-        raise ConfigError(text) from None
-
-
-def load_config(path: str | Path, overrides: list[str] | None = None, with_algorithm: bool = True) -> ExperimentConfig:
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass a YAML file such as configs/quickstart.yaml")
@@ -432,7 +407,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None, with_algor
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"invalid config {path}: the top level must be a mapping of keys")
     data = apply_overrides(data or {}, overrides or [])
-    return config_from_dict(data, str(path), with_algorithm)
+    return config_from_dict(data, str(path))
 
 
 def save_config(cfg: ExperimentConfig, path: Path) -> None:

@@ -156,11 +156,12 @@ class FederatedData:
     Built identically (from the seed) in the driver and in every worker; a worker
     only ever materialises its own clients' subsets."""
 
-    def __init__(self, data_cfg, num_clients: int, max_text_len: int, seed: int):
+    def __init__(self, cfg):  # the ExperimentConfig: data, clients.total, model.max_text_len, seed
+        data_cfg, seed = cfg.data, cfg.seed
         self.cfg = data_cfg
-        self.num_clients = num_clients
+        self.num_clients = cfg.clients.total
         self.seed = seed
-        self.tokenizer = WordTokenizer.for_digits(max_text_len)
+        self.tokenizer = WordTokenizer.for_digits(cfg.model.max_text_len)
         self.all, self.captions = load_digits_pairs(data_cfg.image_size, self.tokenizer, seed)
         labels = self.all.labels.numpy()
         self.pool_idx, self.test_idx, self.pretrain_idx = split_indices(

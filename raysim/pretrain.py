@@ -110,7 +110,7 @@ def pretrained_base_dir(cfg: ExperimentConfig, data: FederatedData | None = None
         if (target / "config.json").is_file():
             return target
         if data is None:
-            data = FederatedData(cfg.data, cfg.clients.total, cfg.model.max_text_len, cfg.seed)
+            data = FederatedData(cfg)
         model = train_base(cfg, data, log=log)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
         try:

@@ -17,7 +17,8 @@ from models.lora import (
     lora_config,
     trainable_parameters,
 )
-from raysim import aggregation as agg
+from raysim.aggregate import lora as lora_agg
+from raysim.aggregate import weighted as agg
 from raysim.config import ExperimentConfig
 from raysim.data import FederatedData
 from raysim.pretrain import pretrained_base_dir
@@ -88,7 +89,7 @@ def initial_adapter(resident: Resident, cfg: ExperimentConfig) -> Tensors:
 
 
 def for_client(global_adapter: Tensors, rank: int, r_max: int) -> Tensors:
-    return global_adapter if rank == r_max else agg.truncate_lora(global_adapter, rank)
+    return global_adapter if rank == r_max else lora_agg.truncate_lora(global_adapter, rank)
 
 
 def _flat_optimizer_state(opt: torch.optim.Optimizer) -> Tensors:
@@ -163,16 +164,16 @@ def local_train(
 def adapter_fold_add(acc: agg.WeightedSum, tensors: Tensors, weight: float, cfg: ExperimentConfig) -> agg.WeightedSum:
     mode = cfg.algorithm.lora_aggregation
     if mode == "product":
-        return agg.product_add(acc, tensors, weight, scaling(cfg))
+        return lora_agg.product_add(acc, tensors, weight, scaling(cfg))
     if mode == "hetlora":
-        return agg.ws_add(acc, agg.pad_lora(tensors, max_rank(cfg)), weight)
+        return agg.ws_add(acc, lora_agg.pad_lora(tensors, max_rank(cfg)), weight)
     return agg.ws_add(acc, tensors, weight)
 
 
 def adapter_fold_result(acc: agg.WeightedSum, cfg: ExperimentConfig) -> Tensors:
     mean = agg.ws_mean(acc)
     if cfg.algorithm.lora_aggregation == "product":
-        return agg.product_to_lora(mean, max_rank(cfg), scaling(cfg))
+        return lora_agg.product_to_lora(mean, max_rank(cfg), scaling(cfg))
     return mean
 
 

@@ -1,24 +1,10 @@
-"""Tests for raysim.aggregation; expected values are computed by hand and written literally."""
+"""Tests for raysim.aggregate; expected values are computed by hand and written literally."""
 
 import pytest
 import torch
 
-from raysim.aggregation import (
-    WeightedSum,
-    lora_pairs,
-    lora_rank,
-    pad_lora,
-    product_add,
-    product_to_lora,
-    refactor,
-    split_lora,
-    truncate_lora,
-    ws_add,
-    ws_mean,
-    ws_sums,
-    ws_merge,
-    ws_zero,
-)
+from raysim.aggregate.weighted import ws_add, ws_mean, ws_sums, ws_merge, ws_zero
+from raysim.aggregate.lora import lora_pairs, lora_rank, pad_lora, product_add, product_to_lora, refactor, split_lora, truncate_lora
 
 T = torch.tensor
 Q = "base_model.model.text_model.encoder.layers.0.self_attn.q_proj"
@@ -336,7 +322,7 @@ def test_merge_into_equals_pure_merge_and_leaves_other_untouched():
     ws_add(b, {"w": T([5.0, 6.0])}, 3.0)
     expected = ws_merge(a, b)
     b_before = b.sums["w"].clone()
-    from raysim.aggregation import ws_merge_into
+    from raysim.aggregate.weighted import ws_merge_into
 
     into = ws_merge_into(ws_merge_into(ws_zero(), a), b)
     assert torch.equal(into.sums["w"], expected.sums["w"]) and into.weight == 4.0 and into.count == 2

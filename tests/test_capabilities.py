@@ -12,7 +12,7 @@ from conftest import tiny_overrides
 from raysim import algorithms
 from raysim.cli import main
 from raysim.config import load_config
-from raysim.seeding import sample_clients
+from raysim.run.seeding import sample_clients
 
 FAST = {"rounds": 1, "clients.per_round": 4, "eval.every": 100, "robust.quarantine_rounds": 0}
 # (config file, overrides): each algorithm at its tiny size

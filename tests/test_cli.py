@@ -1,12 +1,10 @@
 """Bad input: one clear paragraph on stderr, exit code 2, no traceback, nothing lost."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from conftest import tiny_overrides
 from raysim.cli import main

@@ -66,10 +66,13 @@ def test_missing_file_and_top_level_list(tmp_path):
 
 
 def test_unknown_algorithm_and_options():
+    # the typed config does not import algorithms (torch); options_of checks what belongs to them
+    from raysim.algorithms import options_of
+
     with pytest.raises(ConfigError, match="algorithm.name: 'fedsgd' is not a file in raysim/algorithms/"):
-        load_config(QUICK, ["algorithm.name=fedsgd"])
+        options_of(load_config(QUICK, ["algorithm.name=fedsgd"]))
     with pytest.raises(ConfigError, match="fedavg takes no options"):
-        load_config(QUICK, ["algorithm.options.beta=1"])
+        options_of(load_config(QUICK, ["algorithm.options.beta=1"]))
 
 
 def test_bad_override_syntax():

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from actors.protocol import ClientContext, ClientResult
 from raysim import cli
 from raysim.algorithms import creamfl
+from raysim.algorithms import options_of
 from raysim.config import ConfigError, load_config
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "creamfl.yaml")
@@ -74,11 +75,11 @@ def test_kinds_are_fractions_assigned_in_blocks():
     assert creamfl.kind_blocks({"image": 0.25, "text": 0.25, "image_text": 0.5}, 10).count("image") == 3
     assert creamfl.kind_blocks({"image_text": 1.0}, 4) == ["image_text"] * 4
     with pytest.raises(ConfigError, match=r"algorithm.options.kinds: .*summing to 1"):
-        load_config(CONFIG, ["algorithm.options.kinds={image: 0.5, text: 0.2}"])
+        options_of(load_config(CONFIG, ["algorithm.options.kinds={image: 0.5, text: 0.2}"]))
     with pytest.raises(ConfigError, match=r"unknown client kinds \['audio'\]"):
-        load_config(CONFIG, ["algorithm.options.kinds={image: 0.5, audio: 0.5}"])
+        options_of(load_config(CONFIG, ["algorithm.options.kinds={image: 0.5, audio: 0.5}"]))
     with pytest.raises(ConfigError, match=r"algorithm.options.temperature: unknown key"):
-        load_config(CONFIG, ["algorithm.options.temperature=0.5"])
+        options_of(load_config(CONFIG, ["algorithm.options.temperature=0.5"]))
 
 
 # ----------------------------------------------------------------------------- ensemble

@@ -3,7 +3,7 @@ import pytest
 
 from raysim.config import load_config
 from raysim.data import EOS, FederatedData, WordTokenizer, partition_dirichlet, partition_iid, split_indices
-from raysim.seeding import derive_seed, sample_clients
+from raysim.run.seeding import derive_seed, sample_clients
 
 
 def labels_of(n_per_class=30, classes=10):
@@ -59,7 +59,7 @@ def test_split_is_disjoint_and_skewed():
 
 def test_federated_data_from_config():
     cfg = load_config("configs/quickstart.yaml")
-    fd = FederatedData(cfg.data, cfg.clients.total, cfg.model.max_text_len, cfg.seed)
+    fd = FederatedData(cfg)
     assert len(fd.all) == 1797
     assert fd.all.images.shape[1:] == (3, 32, 32)
     assert float(fd.all.images.min()) >= -1 and float(fd.all.images.max()) <= 1
@@ -67,7 +67,7 @@ def test_federated_data_from_config():
     # clients never see the pre-training or test split
     seen = np.concatenate(fd.client_partition)
     assert not set(seen) & set(fd.pretrain_idx) and not set(seen) & set(fd.test_idx)
-    again = FederatedData(cfg.data, cfg.clients.total, cfg.model.max_text_len, cfg.seed)
+    again = FederatedData(cfg)
     assert all(np.array_equal(a, b) for a, b in zip(fd.client_partition, again.client_partition))
 
 

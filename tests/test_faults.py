@@ -18,10 +18,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def engine_for(tmp_path, name, **over):
-    from raysim.engine import Engine
+    from raysim.run.engine import Engine
 
     cfg = load_config(ROOT / "configs/quickstart.yaml", tiny_overrides(**over))
-    return Engine(cfg.to_dict(), str(tmp_path / name), False)
+    return Engine(cfg, str(tmp_path / name), False)
 
 
 def test_worker_sigkilled_every_round_changes_nothing(tmp_path, ray_cluster):

@@ -14,7 +14,7 @@ from conftest import tiny_overrides
 from models import minilm
 from raysim.algorithms import fedlarge
 from raysim.config import load_config
-from raysim.engine import Engine
+from raysim.run.engine import Engine
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "fedlarge.yaml")
 
@@ -44,7 +44,7 @@ def tiny_cfg(**extra):
 
 
 def run(cfg, out) -> Engine:
-    engine = Engine(cfg.to_dict(), str(out), resume=False)
+    engine = Engine(cfg, str(out), resume=False)
     engine.start()
     while not engine.done():
         engine.run_round()

@@ -24,6 +24,7 @@ from raysim.algorithms.fedrecon import (
     sample_masks,
     token_counts,
 )
+from raysim.algorithms import options_of
 from raysim.config import ConfigError, load_config
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "fedrecon.yaml")
@@ -86,13 +87,13 @@ def test_phase_schedule():
 
 def test_bad_options_are_rejected_at_load():
     with pytest.raises(ConfigError, match=r"algorithm.options.modality_mix: .*sum to 1"):
-        load_config(CONFIG, small("algorithm.options.modality_mix={image_only: 0.5, text_only: 0.5, both: 0.5}"))
+        options_of(load_config(CONFIG, small("algorithm.options.modality_mix={image_only: 0.5, text_only: 0.5, both: 0.5}")))
     with pytest.raises(ConfigError, match=r"algorithm.options.missing_rate"):
-        load_config(CONFIG, small("algorithm.options.missing_rate=0.6"))
+        options_of(load_config(CONFIG, small("algorithm.options.missing_rate=0.6")))
     with pytest.raises(ConfigError, match=r"algorithm.options.variant"):
-        load_config(CONFIG, small("algorithm.options.variant=mmvae"))
+        options_of(load_config(CONFIG, small("algorithm.options.variant=mmvae")))
     with pytest.raises(ConfigError, match=r"algorithm.options.phase_c: unknown key"):
-        load_config(CONFIG, small("algorithm.options.phase_c=3"))
+        options_of(load_config(CONFIG, small("algorithm.options.phase_c=3")))
 
 
 def test_client_kinds_are_exact_counts_from_the_seed():

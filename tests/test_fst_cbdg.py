@@ -9,9 +9,10 @@ import torch
 
 from actors.protocol import Broadcast, ClientContext
 from raysim.algorithms import fst_cbdg
+from raysim.algorithms import options_of
 from raysim.config import load_config
 from raysim.pretrain import pretrained_base_dir
-from raysim.seeding import derive_seed
+from raysim.run.seeding import derive_seed
 from tests.conftest import tiny_overrides
 
 CONFIG = "configs/fst_cbdg.yaml"
@@ -57,9 +58,9 @@ def test_options_are_validated():
     from raysim.config import ConfigError
 
     with pytest.raises(ConfigError, match="algorithm.options.noise_sigm"):
-        load_config(CONFIG, ["algorithm.options.noise_sigm=0.1"])
+        options_of(load_config(CONFIG, ["algorithm.options.noise_sigm=0.1"]))
     with pytest.raises(ConfigError, match="label_momentum"):
-        load_config(CONFIG, ["algorithm.options.label_momentum=1.5"])
+        options_of(load_config(CONFIG, ["algorithm.options.label_momentum=1.5"]))
 
 
 def test_pretrain_cache_is_reused():
@@ -77,7 +78,7 @@ def test_base_does_not_depend_on_the_callers_thread_count():
     from raysim.pretrain import train_base
 
     cfg = tiny_cfg()
-    data = FederatedData(cfg.data, cfg.clients.total, cfg.model.max_text_len, cfg.seed)
+    data = FederatedData(cfg)
     before = torch.get_num_threads()
     states = []
     try:

@@ -1,4 +1,4 @@
-"""Worker groups per client family (raysim/groups.py, actors/pool.py): config checks, the
+"""Worker groups per client family (raysim/run/groups.py, actors/pool.py): config checks, the
 client -> group mapping, and CreamFL runs on Ray where each kind of client has its own
 group of actors, compared with local mode."""
 import json
@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from raysim import cli, groups
+from raysim import cli
+from raysim.run import groups
 from raysim.algorithms import creamfl
 from raysim.config import ConfigError, load_config
 from tests.test_creamfl import small as six_creamfl_clients
@@ -144,7 +145,7 @@ def test_each_client_runs_only_on_its_groups_workers_and_matches_local_mode(tmp_
 def test_a_dead_workers_clients_rerun_in_its_own_group(tmp_path, ray_cluster):
     """Group "vision" has two workers; one is SIGKILLed between rounds and not restarted: its
     image clients re-run on the other vision worker, never on the text group's."""
-    from raysim.engine import Engine
+    from raysim.run.engine import Engine
 
     cfg = load_config(
         CREAMFL,
@@ -157,7 +158,7 @@ def test_a_dead_workers_clients_rerun_in_its_own_group(tmp_path, ray_cluster):
             "eval.every=100",
         ),
     )
-    engine = Engine(cfg.to_dict(), str(tmp_path / "run"), False)
+    engine = Engine(cfg, str(tmp_path / "run"), False)
     try:
         engine.start()
         assert engine.pool.labels == ["vision-0", "vision-1", "text-0"]

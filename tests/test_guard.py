@@ -154,7 +154,7 @@ def test_secagg_run_matches_plain_run(tmp_path):
 
 def test_straggler_is_dropped_counted_and_never_folded(tmp_path, ray_cluster):
     cfg = load_config("configs/quickstart.yaml", tiny_overrides(**FAST))
-    from raysim.seeding import sample_clients
+    from raysim.run.seeding import sample_clients
 
     slow = sample_clients(cfg.seed, 1, cfg.clients.total, 4)[0]
     out = run(
@@ -183,7 +183,7 @@ def test_straggler_is_dropped_counted_and_never_folded(tmp_path, ray_cluster):
 def _partition(cfg):
     from raysim.data import FederatedData
 
-    return FederatedData(cfg.data, cfg.clients.total, cfg.model.max_text_len, cfg.seed).client_partition
+    return FederatedData(cfg).client_partition
 
 
 def test_secagg_secret_sits_with_the_clients_state_at_a_path_or_a_url(tmp_path):
@@ -209,7 +209,7 @@ def test_secagg_secret_sits_with_the_clients_state_at_a_path_or_a_url(tmp_path):
 
 
 def _first_round_clients(**over):
-    from raysim.seeding import sample_clients
+    from raysim.run.seeding import sample_clients
 
     cfg = load_config("configs/quickstart.yaml", tiny_overrides(**{**FAST, **over}))
     return sample_clients(cfg.seed, 1, cfg.clients.total, cfg.clients.per_round)

@@ -122,7 +122,7 @@ def ray_head():
 
 def raysim_jobs(head: Head, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "raysim.jobs", *args],
+        [sys.executable, "-m", "raysim.deploy.jobs", *args],
         cwd=ROOT, env=head.client_env, capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
 
@@ -144,7 +144,7 @@ def failing_submit(ray_head, tmp_path_factory):
     the two share the head's time (this module would otherwise take ~20 s longer)."""
     out = tmp_path_factory.mktemp("bad") / "run"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "raysim.jobs", "submit", "configs/quickstart.yaml", "clients.total=0",
+        [sys.executable, "-m", "raysim.deploy.jobs", "submit", "configs/quickstart.yaml", "clients.total=0",
          "--address", ray_head.url, "--out", str(out), "--submission-id", "raysim-test-bad"],
         cwd=ROOT, env=ray_head.client_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -200,7 +200,7 @@ def test_bad_config_job_fails_with_the_config_error_in_its_logs(ray_head, failin
 
 def test_stopping_a_running_job_ends_its_submit_with_exit_code_1(ray_head, tmp_path):
     submit = subprocess.Popen(
-        [sys.executable, "-m", "raysim.jobs", "submit", "configs/quickstart.yaml", *TINY, "rounds=50",
+        [sys.executable, "-m", "raysim.deploy.jobs", "submit", "configs/quickstart.yaml", *TINY, "rounds=50",
          "--address", ray_head.url, "--out", str(tmp_path / "run"), "--submission-id", "raysim-test-stop"],
         cwd=ROOT, env=ray_head.client_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -243,7 +243,7 @@ def test_unknown_job_and_bad_input_exit_2_with_a_clear_message(ray_head, tmp_pat
 
 
 def test_submit_out_is_an_absolute_path_or_a_url():
-    from raysim.jobs import JobsError, _check_out
+    from raysim.deploy.jobs import JobsError, _check_out
 
     _check_out("/storage/runs/x")
     _check_out("s3://bucket/runs/x")

@@ -19,7 +19,7 @@ import yaml
 from jsonschema import Draft7Validator
 from packaging.specifiers import SpecifierSet
 
-from raysim import k8s
+from raysim.deploy import k8s
 from raysim.config import config_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -250,7 +250,7 @@ def test_render_is_byte_identical_across_calls_and_processes():
     assert first == second
     env = dict(os.environ, PYTHONHASHSEED="12345")  # a different set/dict iteration order
     proc = subprocess.run(
-        [sys.executable, "-m", "raysim.k8s", "k8s", "render", *EXAMPLE_ARGS],
+        [sys.executable, "-m", "raysim.deploy.k8s", "k8s", "render", *EXAMPLE_ARGS],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr

@@ -11,6 +11,7 @@ from actors.protocol import ClientContext, ClientResult
 from models import multitask as mt
 from raysim import cli
 from raysim.algorithms.mfed import MFed, TaskAssignmentError, flatten
+from raysim.algorithms import options_of
 from raysim.config import ConfigError, load_config
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "mfed.yaml")
@@ -65,9 +66,9 @@ def test_task_counts_must_add_up_to_clients_total():
 
 def test_unknown_task_and_key_are_rejected_at_load():
     with pytest.raises(ConfigError, match=r"algorithm.options.tasks: unknown tasks \['segment'\]"):
-        load_config(CONFIG, small("algorithm.options.tasks={classify: 3, segment: 1}"))
+        options_of(load_config(CONFIG, small("algorithm.options.tasks={classify: 3, segment: 1}")))
     with pytest.raises(ConfigError, match=r"algorithm.options.pull: unknown key"):
-        load_config(CONFIG, small("algorithm.options.pull=0.1"))
+        options_of(load_config(CONFIG, small("algorithm.options.pull=0.1")))
 
 
 def test_tasks_are_assigned_in_blocks_in_canonical_order():

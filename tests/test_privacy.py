@@ -7,7 +7,7 @@ import torch
 from dp_accounting import rdp
 
 from raysim.guard.privacy import DPAccountant, add_gaussian_noise, clip_update, noise_for_target_epsilon
-from raysim.aggregation import global_norm
+from raysim.aggregate.robust import global_norm
 
 Q, DELTA = 0.01, 1e-5  # e.g. 10 of 1000 clients per round (small q also keeps the library fast)
 

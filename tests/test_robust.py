@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from raysim.guard.robust import (
+from raysim.aggregate.robust import (
     buffer_add,
     buffer_merge,
     buffer_subset,
@@ -25,7 +25,7 @@ from raysim.guard.robust import (
     robust_aggregate,
     trimmed_mean,
 )
-from raysim.aggregation import global_norm
+from raysim.aggregate.robust import global_norm
 
 
 def _u(*vals, other=None):

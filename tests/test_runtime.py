@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from conftest import tiny_overrides
 from raysim.cli import main
-from raysim.engine import client_metric_means
+from raysim.run.engine import client_metric_means
 
 
 def run(tmp_path, name, *extra, resume=False, **over):
@@ -84,7 +84,7 @@ def test_ray_pool_matches_local_mode(tmp_path, ray_cluster):
 def test_warm_start_auto_only_when_the_driver_has_a_core_to_spare(monkeypatch):
     from types import SimpleNamespace as NS
 
-    from raysim import engine
+    from raysim.run import engine
 
     def rt(**k):
         return NS(**({"placement": "pooled", "warm_start": None, "ray_address": None} | k))
@@ -111,12 +111,12 @@ def test_warm_start_serves_clients_in_the_driver_until_workers_are_ready(tmp_pat
 
     from actors.pool import LocalPool
     from raysim.config import load_config
-    from raysim.engine import Engine
-    from raysim.seeding import derive_seed
+    from raysim.run.engine import Engine
+    from raysim.run.seeding import derive_seed
 
     over = tiny_overrides(**{"rounds": 500, "clients.per_round": 5, "runtime.num_workers": 2, "eval.every": 1000,
                              "runtime.warm_start": "true"})  # auto would leave it off on 2 cores
-    warm = Engine(load_config("configs/quickstart.yaml", over).to_dict(), str(tmp_path / "warm"), False)
+    warm = Engine(load_config("configs/quickstart.yaml", over), str(tmp_path / "warm"), False)
     warm.start()
     served, deadline = [], time.monotonic() + 600
     while not warm.pool.refresh():  # no worker ready yet: this round runs in the driver
@@ -202,7 +202,7 @@ def test_final_adapter_loads_with_peft_and_reproduces_final_metrics(tmp_path):
     out = run(tmp_path, "final")
     model = PeftModel.from_pretrained(load_dual_encoder(str(out / "base_model")), str(out / "adapter"))
     cfg = load_config(out / "config.yaml")
-    data = FederatedData(cfg.data, cfg.clients.total, cfg.model.max_text_len, cfg.seed)
+    data = FederatedData(cfg)
     metrics = evaluate_dual_encoder(model, data, 256)
     summary = json.loads((out / "summary.json").read_text())
     assert metrics["accuracy"] == pytest.approx(summary["final"]["accuracy"], abs=1e-6)
@@ -218,7 +218,7 @@ def test_pretrained_checkpoint_directory_as_base(tmp_path):
     from raysim.pretrain import base_config
 
     cfg = load_config("configs/quickstart.yaml", tiny_overrides())
-    data = FederatedData(cfg.data, cfg.clients.total, cfg.model.max_text_len, cfg.seed)
+    data = FederatedData(cfg)
     clip_dir = tmp_path / "clip"
     build_tiny_clip(base_config(cfg, data), seed=3).save_pretrained(str(clip_dir))
     # a VisionTextDualEncoder checkpoint loads through the same function

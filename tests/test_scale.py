@@ -131,14 +131,14 @@ def finished_engine(run_dir, *overrides):
     """A synthetic run on 2 Ray workers, driven to its end; (its history, the client states
     held in the workers' memory, the clients whose copy a worker has yet to drop)."""
     from raysim.config import load_config
-    from raysim.engine import Engine
+    from raysim.run.engine import Engine
 
     cfg = load_config("configs/quickstart.yaml", [
         "algorithm.name=synthetic", "algorithm.options.num_params=2000", "algorithm.options.state_params=500",
         "clients.total=30", "clients.per_round=10", "rounds=4", "pretrain.enabled=false",
         "runtime.num_workers=2", "runtime.warm_start=false", *overrides,
     ])  # fmt: skip
-    engine = Engine(cfg.to_dict(), str(run_dir), False)
+    engine = Engine(cfg, str(run_dir), False)
     engine.start()
     while not engine.done():
         engine.run_round()

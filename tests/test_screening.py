@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from raysim.aggregation import global_norm
+from raysim.aggregate.robust import global_norm
 from raysim.guard.screening import REJECT_KINDS, Quarantine, check_update, reject_kind
 
 

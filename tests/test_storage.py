@@ -1,4 +1,4 @@
-"""Run directories on filesystem URLs (raysim/storage.py): fsspec's in-process memory://
+"""Run directories on filesystem URLs (raysim/run/storage.py): fsspec's in-process memory://
 and file:// stand in for s3:// / gs://. A run cut off after round 2 and continued with
 --auto-resume from an empty staging directory (a fresh pod) ends bit-identical to an
 uninterrupted run; checkpoints appear at the URL only whole; bad URLs exit 2."""
@@ -17,7 +17,7 @@ from safetensors.torch import load, load_file
 from actors.state_store import ClientStateStore
 from conftest import tiny_overrides
 from raysim.cli import main
-from raysim.storage import Mirror
+from raysim.run.storage import Mirror
 
 MEM = fsspec.filesystem("memory")
 
@@ -223,7 +223,7 @@ def test_bad_urls_exit_2_with_one_clear_message(tmp_path, mem_url, capsys, monke
 
 def test_auto_resume_on_a_local_path_and_a_changed_config(tmp_path, capsys):
     from raysim.config import load_config
-    from raysim.engine import RunDir
+    from raysim.run.run_dir import RunDir
 
     cfg = load_config("configs/quickstart.yaml", tiny_overrides())
     d = RunDir(tmp_path / "run")

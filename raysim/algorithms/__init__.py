@@ -6,6 +6,10 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from pydantic import ValidationError
+
+from raysim.config import ConfigError, ExperimentConfig, format_errors
+
 
 def module_of(name: str) -> ModuleType:
     module_name = name.split(":", 1)[0] if ":" in name else f"raysim.algorithms.{name}"
@@ -26,3 +30,24 @@ def load(name: str):
     if not hasattr(module, attr):
         raise ValueError(f"algorithm module {module.__name__} defines no {attr}")
     return getattr(module, attr)
+
+
+def options_of(cfg: ExperimentConfig, source: str = "<config>"):
+    """The algorithm's validated `algorithm.options` (None if it declares no Options model)."""
+    try:
+        module = module_of(cfg.algorithm.name)
+    except ValueError as err:
+        raise ConfigError(f"invalid config {source}:\n  - algorithm.name: {err}") from None
+    model = getattr(module, "Options", None)
+    if model is None:
+        if cfg.algorithm.options:
+            raise ConfigError(
+                f"invalid config {source}:\n  - algorithm.options: {cfg.algorithm.name} takes no options, "
+                f"got {sorted(cfg.algorithm.options)}"
+            )
+        return None
+    try:
+        return model.model_validate(cfg.algorithm.options)
+    except ValidationError as err:
+        text = format_errors(err, source).replace("\n  - ", "\n  - algorithm.options.")
+        raise ConfigError(text) from None

@@ -60,7 +60,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from actors.protocol import Broadcast, ClientContext, ClientResult, Tensors
 from models import hetero
-from raysim.config import ConfigError, ExperimentConfig, algorithm_options
+from raysim.algorithms import options_of
+from raysim.algorithms.common import FromConfig
+from raysim.config import ConfigError, ExperimentConfig
 from raysim.data import FederatedData, PairData
 
 KINDS = ("image", "text", "image_text")
@@ -350,22 +352,11 @@ def _clone(tensors: Tensors) -> Tensors:
     return {k: t.detach().clone() for k, t in tensors.items()}
 
 
-class CreamFL:
+class CreamFL(FromConfig):
     def __init__(self, cfg: ExperimentConfig):
         self.cfg = cfg
-        self.opts: Options = algorithm_options(cfg)
+        self.opts: Options = options_of(cfg)
         self.kind_of_client = kind_blocks(self.opts.kinds, cfg.clients.total)
-
-    def __getstate__(self):  # ship only the settings to workers; they rebuild the rest
-        return {"cfg": self.cfg}
-
-    def __setstate__(self, state):
-        self.__init__(state["cfg"])
-
-    @cached_property
-    def data(self) -> FederatedData:
-        c = self.cfg
-        return FederatedData(c.data, c.clients.total, c.model.max_text_len, c.seed)
 
     @cached_property
     def public(self) -> PairData:
@@ -449,7 +440,7 @@ class CreamFL:
             state.setdefault(g, {})[k] = t
         return state
 
-    # --- worker groups (raysim/groups.py): the client kinds, each with its own architectures
+    # --- worker groups (raysim/run/groups.py): the client kinds, each with its own architectures
     def client_families(self) -> list[str]:
         return list(KINDS)
 

@@ -7,28 +7,21 @@ from functools import cached_property
 from pathlib import Path
 
 from actors.protocol import Broadcast, ClientContext, ClientResult, Tensors
-from raysim import aggregation as agg
+from raysim.aggregate import weighted as agg
 from raysim import vlm_lora
+from raysim.algorithms.common import FromConfig
 from raysim.config import ExperimentConfig
-from raysim.data import FederatedData
 from raysim.pretrain import pretrained_base_dir
 from models.lora import save_adapter
 
 
-class FedAvg:
+class FedAvg(FromConfig):
     """`prox_mu` > 0 adds FedProx's proximal term (see fedprox.py)."""
 
-    def __init__(self, cfg: ExperimentConfig, prox_mu: float = 0.0):
+    prox_mu = 0.0
+
+    def __init__(self, cfg: ExperimentConfig):
         self.cfg = cfg
-        self.prox_mu = prox_mu
-
-    def __getstate__(self):  # ship only the settings to workers; they rebuild the rest
-        return {"cfg": self.cfg, "prox_mu": self.prox_mu}
-
-    @cached_property
-    def data(self) -> FederatedData:
-        c = self.cfg
-        return FederatedData(c.data, c.clients.total, c.model.max_text_len, c.seed)
 
     @cached_property
     def _eval_resident(self) -> vlm_lora.Resident:

@@ -55,9 +55,11 @@ from models.minilm import (
     mean_pool,
     save_with_tokenizer,
 )
-from raysim import aggregation as agg
+from raysim.aggregate import weighted as agg
 from raysim import vlm_lora
-from raysim.config import ExperimentConfig, algorithm_options
+from raysim.algorithms import options_of
+from raysim.algorithms.common import FromConfig
+from raysim.config import ExperimentConfig
 from raysim.data import FederatedData, PairData
 from raysim.pretrain import cache_root, pretrained_base_dir
 
@@ -164,7 +166,7 @@ def noisy_rows(data: FederatedData, noise: CaptionNoise, seed: int) -> tuple[np.
 
 
 def build_data(cfg: ExperimentConfig, opts: Options, tokenizer) -> FederatedData:
-    data = FederatedData(cfg.data, cfg.clients.total, cfg.model.max_text_len, cfg.seed)
+    data = FederatedData(cfg)
     if tokenizer is not None:  # the checkpoint's own tokenizer replaces the word tokenizer
         data.tokenizer = HFTokenizer(tokenizer, cfg.model.max_text_len)
         ids, mask = data.tokenizer(data.captions)
@@ -682,14 +684,11 @@ class Resident:
     text_features: dict[int, torch.Tensor] = field(default_factory=dict)  # client -> locked tower's features
 
 
-class FedLarge:
+class FedLarge(FromConfig):
     def __init__(self, cfg: ExperimentConfig):
         self.cfg = cfg
-        self.opts: Options = algorithm_options(cfg)
+        self.opts: Options = options_of(cfg)
         self.name = vlm_lora.adapter_name(cfg.lora.r)
-
-    def __getstate__(self):  # ship only the settings to workers; they rebuild the rest
-        return {"cfg": self.cfg, "opts": self.opts, "name": self.name}
 
     def config_problems(self) -> list[str]:
         c = self.cfg

@@ -1,14 +1,16 @@
 """FedProx on LoRA adapters (Li et al. 2020): FedAvg whose local loss adds
 mu/2 * ||w - w_global||^2 over the trainable adapter tensors (`algorithm.mu`).
-Everything else (broadcast, fold, evaluation) is FedAvg's, reused by composition."""
+Everything else (broadcast, fold, evaluation) is FedAvg's."""
 from __future__ import annotations
 
 from raysim.algorithms.fedavg import FedAvg
 from raysim.config import ExperimentConfig
 
 
-def FedProx(cfg: ExperimentConfig) -> FedAvg:
-    return FedAvg(cfg, prox_mu=cfg.algorithm.mu)
+class FedProx(FedAvg):
+    def __init__(self, cfg: ExperimentConfig):
+        super().__init__(cfg)
+        self.prox_mu = cfg.algorithm.mu
 
 
 ALGORITHM = FedProx

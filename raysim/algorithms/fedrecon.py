@@ -87,11 +87,14 @@ from torch import nn
 
 from actors.protocol import Broadcast, ClientContext, ClientResult, Tensors
 from models import mvae
-from raysim import aggregation as agg
-from raysim.config import ConfigError, ExperimentConfig, algorithm_options
-from raysim.data import DIGIT_WORDS, PAD, FederatedData, PairData
+from raysim.aggregate import grouped
+from raysim.aggregate import weighted as agg
+from raysim.aggregate.grouped import Groups, flatten, unflatten
+from raysim.algorithms import options_of
+from raysim.algorithms.common import FromConfig
+from raysim.config import ConfigError, ExperimentConfig
+from raysim.data import DIGIT_WORDS, PAD, PairData
 
-Groups = dict[str, Tensors]  # module name -> its tensors; flattened as "module/key"
 KINDS = ("image_only", "text_only", "both")
 CLASSIFIER = "classifier"
 VAE_GROUPS = mvae.IMAGE_MODULES + mvae.TEXT_MODULES + mvae.MAPPING_MODULES
@@ -217,18 +220,6 @@ def masked_batch(data: PairData, has_img: torch.Tensor, has_txt: torch.Tensor, k
     blank_ids = torch.where(has_txt[:, None], ids, torch.full_like(ids, PAD))
     truth = (pixels, ids) if keep_truth else (None, None)
     return Batch(blank_pixels, blank_ids, data.labels, has_img, has_txt, *truth)
-
-
-def flatten(groups: Groups) -> Tensors:
-    return {f"{g}/{k}": t for g, ts in groups.items() for k, t in ts.items()}
-
-
-def unflatten(flat: Tensors) -> Groups:
-    groups: Groups = {}
-    for key, t in flat.items():
-        g, k = key.split("/", 1)
-        groups.setdefault(g, {})[k] = t
-    return groups
 
 
 def module_tensors(module: nn.Module) -> Tensors:
@@ -371,10 +362,10 @@ def downstream_metrics(res: Resident, zero_fill: bool) -> dict[str, float]:
 # --- the algorithm ---------------------------------------------------------------------
 
 
-class FedRecon:
+class FedRecon(FromConfig):
     def __init__(self, cfg: ExperimentConfig):
         self.cfg = cfg
-        self.opts: Options = algorithm_options(cfg)
+        self.opts: Options = options_of(cfg)
         o = self.opts
         if cfg.rounds <= o.phase_a + o.phase_b:
             raise ScheduleError(
@@ -384,17 +375,6 @@ class FedRecon:
         self.kinds = client_kinds(cfg.seed, cfg.clients.total, o.modality_mix)
         self.mapping = o.variant != "no_mapping"
         self.groups = VAE_GROUPS if self.mapping else mvae.IMAGE_MODULES + mvae.TEXT_MODULES
-
-    def __getstate__(self):  # ship only the settings to workers; they rebuild the rest
-        return {"cfg": self.cfg}
-
-    def __setstate__(self, state):
-        self.__init__(state["cfg"])
-
-    @cached_property
-    def data(self) -> FederatedData:
-        c = self.cfg
-        return FederatedData(c.data, c.clients.total, c.model.max_text_len, c.seed)
 
     @cached_property
     def _eval_resident(self) -> Resident:
@@ -458,7 +438,7 @@ class FedRecon:
     def load_state_tensors(self, tensors: Tensors) -> Groups:
         return unflatten(tensors)
 
-    # --- worker groups (raysim/groups.py): which modalities a client holds
+    # --- worker groups (raysim/run/groups.py): which modalities a client holds
     def client_families(self) -> list[str]:
         return list(KINDS)
 
@@ -524,7 +504,7 @@ class FedRecon:
 
     def bytes_down(self, msg: Broadcast, client_id: int) -> int:
         needed = self.needed_groups(self.phase(msg.round), self.client_data(client_id))
-        return sum(t.numel() * t.element_size() for k, t in msg.tensors.items() if k.split("/", 1)[0] in needed)
+        return grouped.nbytes(msg.tensors, needed)
 
     def client_step(self, ctx: ClientContext, msg: Broadcast) -> ClientResult:
         res: Resident = ctx.resident
@@ -568,7 +548,7 @@ class FedRecon:
         return acc
 
     def merge(self, a: dict[str, agg.WeightedSum], b: dict[str, agg.WeightedSum]) -> dict[str, agg.WeightedSum]:
-        return {g: agg.ws_merge(a.get(g, agg.ws_zero()), b.get(g, agg.ws_zero())) for g in sorted(a.keys() | b.keys())}
+        return grouped.merge(a, b)
 
 
 ALGORITHM = FedRecon

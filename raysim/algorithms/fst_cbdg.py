@@ -35,8 +35,10 @@ from safetensors.torch import save_file
 
 from actors.protocol import Broadcast, ClientContext, ClientResult, Tensors
 from models.clip import encode_images, encode_texts, load_dual_encoder
-from raysim import aggregation as agg
-from raysim.config import ExperimentConfig, algorithm_options
+from raysim.aggregate import weighted as agg
+from raysim.algorithms import options_of
+from raysim.algorithms.common import FromConfig
+from raysim.config import ExperimentConfig
 from raysim.data import FederatedData
 from raysim.pretrain import pretrained_base_dir
 
@@ -156,18 +158,10 @@ def build_frozen(cfg: ExperimentConfig, data: FederatedData) -> Resident:
     return Resident(model, data, text)
 
 
-class FstCbdg:
+class FstCbdg(FromConfig):
     def __init__(self, cfg: ExperimentConfig):
         self.cfg = cfg
-        self.opts: Options = algorithm_options(cfg)
-
-    def __getstate__(self):  # ship only the settings to workers; they rebuild the rest
-        return {"cfg": self.cfg, "opts": self.opts}
-
-    @cached_property
-    def data(self) -> FederatedData:
-        c = self.cfg
-        return FederatedData(c.data, c.clients.total, c.model.max_text_len, c.seed)
+        self.opts: Options = options_of(cfg)
 
     @cached_property
     def _eval_resident(self) -> Resident:

@@ -42,11 +42,14 @@ from torch import nn
 
 from actors.protocol import Broadcast, ClientContext, ClientResult, Tensors
 from models import multitask as mt
-from raysim import aggregation as agg
-from raysim.config import ConfigError, ExperimentConfig, algorithm_options
-from raysim.data import FederatedData, PairData
+from raysim.aggregate import grouped
+from raysim.aggregate import weighted as agg
+from raysim.aggregate.grouped import Groups, flatten, group_of, unflatten
+from raysim.algorithms import options_of
+from raysim.algorithms.common import FromConfig
+from raysim.config import ConfigError, ExperimentConfig
+from raysim.data import PairData
 
-Groups = dict[str, Tensors]  # group name -> tensors; flattened as "group/key"
 CLIENT_EVAL = "client_eval"
 _EVAL = "eval."  # fold groups holding client-side test metrics, one per task
 _TEST_NOISE_SEED = 0x7E57  # the denoising test noise is fixed so every evaluation is comparable
@@ -98,23 +101,6 @@ def task_blocks(tasks: dict[str, int], total: int) -> list[str]:
 
 
 # --- grouped tensors -------------------------------------------------------------------
-
-
-def flatten(groups: Groups) -> Tensors:
-    return {f"{g}/{k}": t for g, ts in groups.items() for k, t in ts.items()}
-
-
-def unflatten(flat: Tensors) -> Groups:
-    groups: Groups = {}
-    for key, t in flat.items():
-        g, k = key.split("/", 1)
-        groups.setdefault(g, {})[k] = t
-    return groups
-
-
-def group_of(flat: Tensors, group: str) -> Tensors:
-    prefix = group + "/"
-    return {k[len(prefix) :]: t for k, t in flat.items() if k.startswith(prefix)}
 
 
 def _clone(tensors: Tensors) -> Tensors:
@@ -207,23 +193,12 @@ def local_train(
 # --- the algorithm ---------------------------------------------------------------------
 
 
-class MFed:
+class MFed(FromConfig):
     def __init__(self, cfg: ExperimentConfig):
         self.cfg = cfg
-        self.opts: Options = algorithm_options(cfg)
+        self.opts: Options = options_of(cfg)
         self.task_of_client = task_blocks(self.opts.tasks, cfg.clients.total)
         self.tasks = [t for t in mt.TASKS if t in self.opts.tasks]
-
-    def __getstate__(self):  # ship only the settings to workers; they rebuild the rest
-        return {"cfg": self.cfg}
-
-    def __setstate__(self, state):
-        self.__init__(state["cfg"])
-
-    @cached_property
-    def data(self) -> FederatedData:
-        c = self.cfg
-        return FederatedData(c.data, c.clients.total, c.model.max_text_len, c.seed)
 
     @cached_property
     def _eval_resident(self) -> Resident:
@@ -290,7 +265,7 @@ class MFed:
     def load_state_tensors(self, tensors: Tensors) -> Groups:
         return unflatten(tensors)
 
-    # --- worker groups (raysim/groups.py): a client's task: its decoder differs
+    # --- worker groups (raysim/run/groups.py): a client's task: its decoder differs
     def client_families(self) -> list[str]:
         return list(mt.TASKS)
 
@@ -308,7 +283,7 @@ class MFed:
         """What this client needs: its task's encoder and decoder (the broadcast object
         holds every task's, but a deployment would send each client only its own)."""
         wanted = self.upload_groups(self.task_of_client[client_id])
-        return sum(t.numel() * t.element_size() for k, t in msg.tensors.items() if k.split("/", 1)[0] in wanted)
+        return grouped.nbytes(msg.tensors, wanted)
 
     def _start(self, ctx: ClientContext, msg: Broadcast, task: str) -> tuple[Tensors, Tensors, Tensors | None]:
         """(encoder, decoder) to train from, and the global decoder to pull towards (or None)."""
@@ -362,7 +337,7 @@ class MFed:
         return acc
 
     def merge(self, a: dict[str, agg.WeightedSum], b: dict[str, agg.WeightedSum]) -> dict[str, agg.WeightedSum]:
-        return {g: agg.ws_merge(a.get(g, agg.ws_zero()), b.get(g, agg.ws_zero())) for g in sorted(a.keys() | b.keys())}
+        return grouped.merge(a, b)
 
 
 ALGORITHM = MFed

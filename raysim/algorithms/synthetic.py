@@ -10,7 +10,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from actors.protocol import Broadcast, ClientContext, ClientResult, Tensors
-from raysim import aggregation as agg
+from raysim.aggregate import weighted as agg
 from raysim.config import ExperimentConfig
 
 

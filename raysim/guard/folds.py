@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from actors.protocol import Broadcast, ClientResult, RoundMetrics, Tensors
-from raysim import aggregation as agg
+from raysim.aggregate import weighted as agg
 from raysim.config import ExperimentConfig
-from raysim.guard import robust
+from raysim.aggregate import robust
 
 ClientCall = Callable[..., dict[int, Any]]
 

@@ -41,7 +41,7 @@ import dp_accounting
 import torch
 from dp_accounting import rdp
 
-from raysim.guard.robust import clip_by_norm
+from raysim.aggregate.robust import clip_by_norm
 
 Tensors = dict[str, torch.Tensor]
 

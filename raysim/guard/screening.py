@@ -28,12 +28,11 @@ Nothing here mutates its inputs or imports Ray.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 
-from raysim.aggregation import global_norm
+from raysim.aggregate.robust import global_norm
 
 Tensors = dict[str, torch.Tensor]
 

@@ -16,7 +16,7 @@ from ray.cluster_utils import Cluster
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import tiny_overrides  # noqa: E402
 from raysim.config import load_config  # noqa: E402
-from raysim.engine import Engine  # noqa: E402
+from raysim.run.engine import Engine  # noqa: E402
 
 out = Path(sys.argv[1])
 torch.set_num_threads(1)  # local mode below uses the workers' thread count: identical floats
@@ -32,7 +32,7 @@ over = tiny_overrides(
 )
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
 ray.init(address=cluster.address, logging_level="ERROR")
-engine = Engine(load_config("configs/quickstart.yaml", over).to_dict(), str(out / "elastic"), False)
+engine = Engine(load_config("configs/quickstart.yaml", over), str(out / "elastic"), False)
 engine.start()
 log = {"workers": [], "failures": [], "requeued": []}
 
@@ -59,7 +59,7 @@ engine.pool.shutdown()
 ray.shutdown()
 cluster.shutdown()
 
-local = Engine(load_config("configs/quickstart.yaml", over + ["runtime.num_workers=0"]).to_dict(), str(out / "local"), False)
+local = Engine(load_config("configs/quickstart.yaml", over + ["runtime.num_workers=0"]), str(out / "local"), False)
 local.start()
 while not local.done():
     local.run_round()

@@ -67,7 +67,7 @@ claimed weight -- pair it with a cap on claimed example counts if clients may li
 These rules are NOT folds: a median cannot be computed from partial medians. The caller keeps
 the round's updates in a ``BoundedBuffer`` of capacity ``clients_per_round`` (so driver memory
 stays bounded by the cohort size, not the population) with the same zero/add/merge shape as
-``raysim.aggregation``:
+``raysim.aggregate``:
 
 ``buffer_zero(capacity)``; ``buffer_add(buf, update, weight, client_id)`` (in place, like
 ``ws_add``); ``buffer_merge(a, b)`` (new buffer). Both raise ``OverflowError`` past capacity and
@@ -89,9 +89,20 @@ from dataclasses import dataclass, field
 
 import torch
 
-from raysim.aggregation import global_norm
 
 Tensors = dict[str, torch.Tensor]
+
+
+def global_norm(update: Tensors) -> float:
+    """L2 norm of every element of every tensor, accumulated in float64.
+
+    float64 matters: a float32 sum of squares of a large adapter can overflow to inf
+    (or lose the small entries) and reject a legitimate update.
+    """
+    total = 0.0
+    for t in update.values():
+        total += float(t.detach().to(torch.float64).square().sum())
+    return math.sqrt(total)
 
 
 def _check_same_layout(updates: Sequence[Tensors]) -> None:

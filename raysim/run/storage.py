@@ -5,7 +5,7 @@ its run and resumes.
 The run works in a local staging directory and `Mirror.sync` copies it to the URL after
 every checkpoint and at the end: only new or changed files are uploaded, files the run
 deleted (pruned checkpoints) are deleted remotely. A checkpoint's `meta.json` (its content
-hash; what makes a checkpoint exist for `raysim.checkpoint`) is uploaded after everything
+hash; what makes a checkpoint exist for `raysim.run.checkpoint`) is uploaded after everything
 else, and deleted first, so a reader of the URL never sees a half-written checkpoint.
 `client_state/` is not mirrored: the workers read and write it at the URL themselves
 (actors/state_store.py), from whichever node they run on."""

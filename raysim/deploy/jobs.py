@@ -279,7 +279,7 @@ def _list(client) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m raysim.jobs submit|jobs ...`: the same commands without the rest of the CLI."""
+    """`python -m raysim.deploy.jobs submit|jobs ...`: the same commands without the rest of the CLI."""
     parser = argparse.ArgumentParser(prog="raysim", description="Run raysim experiments as Ray jobs.")
     add_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)

@@ -3,7 +3,6 @@ It runs in the Driver actor (Ray) or in the CLI's process (local mode); the code
 the same, only the pool of client executors differs."""
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import math
@@ -11,123 +10,28 @@ import os
 import threading
 import time
 from collections import Counter
-from pathlib import Path
-
-import yaml
 
 from actors.pool import LocalPool, RayPool, WorkerGroup
-from actors.worker import ClientWorker, peak_rss_mb
-from raysim import algorithms
-from raysim.checkpoint import load_latest, save_checkpoint
-from raysim.config import ConfigError, ExperimentConfig, config_from_dict, save_config
 from actors.protocol import FinalOutputs, RunSummary, load_state_tensors, state_tensors
-from raysim import capabilities
-from raysim import groups as worker_groups
+from actors.worker import ClientWorker, peak_rss_mb
+from raysim import algorithms, capabilities
+from raysim.config import ExperimentConfig
 from raysim.guard import Guarded
 from raysim.guard.screening import Quarantine, reject_kind
-from raysim.seeding import derive_seed, sample_clients
-from raysim.storage import Mirror, is_url, remove_tree
-
-# Keys that may differ between the original run and its --resume: more rounds, another
-# runtime (e.g. resume on a different cluster), evaluation and checkpoint cadence.
-_RESUMABLE_KEYS = {"rounds", "runtime", "eval", "checkpoint", "name"}
-
-
-def _diff(a, b, prefix="") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b)):
-            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
-        return out
-    return [] if a == b else [f"{prefix[:-1]} ({a!r} in the run directory, {b!r} now)"]
-
-
-class RunDir:
-    """The run directory: a local path, or a filesystem URL (raysim/storage.py) whose run
-    is worked on in a local staging directory and mirrored to the URL by `sync`."""
-
-    def __init__(self, out: str | Path, staging: str | Path | None = None):
-        self.mirror = Mirror(str(out), staging) if is_url(out) else None
-        self.path = self.mirror.staging if self.mirror else Path(out)
-        self.location = self.mirror.url if self.mirror else str(self.path)  # for messages
-        self.metrics = self.path / "metrics.jsonl"
-        # Client state is written by the workers, wherever they run: at the URL itself.
-        self.client_state = f"{self.mirror.url}/client_state" if self.mirror else str(self.path / "client_state")
-
-    def prepare(self, cfg: ExperimentConfig, resume: bool | str) -> bool:
-        """Check the directory against `resume` (True, False or "auto": resume if it holds a
-        run) and write config.yaml; returns whether the run resumes."""
-        p, m = self.path, self.mirror
-        if m is not None:
-            m.check(cfg.runtime.num_workers)
-            holds = m.holds_run()
-        else:
-            holds = (p / "config.yaml").is_file()
-        if resume == "auto":
-            resume = holds
-        if resume:
-            if not holds:
-                raise ConfigError(f"--resume: {self.location} holds no run (no config.yaml); drop --resume to start one there")
-            if m is not None:
-                m.prepare_staging()
-                m.download()
-            saved = p / "config.yaml"
-            old = config_from_dict(yaml.safe_load(saved.read_text()), str(saved)).to_dict()
-            new = cfg.to_dict()
-            diffs = [d for k in sorted(set(old) - _RESUMABLE_KEYS) for d in _diff(old[k], new.get(k), k + ".")]
-            if diffs:
-                raise ConfigError(
-                    f"--resume: the checkpoint directory {self.location} was made by a different config: "
-                    + "; ".join(diffs)
-                    + ". Resume with the original config, or start a new run with another --out."
-                )
-        else:
-            if m is not None:
-                nonempty = bool(m.remote_files())
-            else:
-                nonempty = p.exists() and any(p.iterdir())
-            if nonempty:
-                raise ConfigError(
-                    f"run directory {self.location} is not empty; pass --resume to continue that run, or choose another --out "
-                    "(nothing there was changed)"
-                )
-            if m is not None:
-                m.prepare_staging()
-        p.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, p / "config.yaml")
-        self.sync()
-        return bool(resume)
-
-    def sync(self) -> float:
-        """Mirror the staging directory to the URL (nothing for a local run); seconds taken."""
-        if self.mirror is None:
-            return 0.0
-        t0 = time.perf_counter()
-        self.mirror.sync()
-        return time.perf_counter() - t0
-
-    def truncate_metrics(self, last_round: int) -> list[dict]:
-        """Keep the records of rounds <= last_round (a resumed run rewrites later ones)."""
-        if not self.metrics.is_file():
-            return []
-        kept = [r for r in map(json.loads, self.metrics.read_text().splitlines()) if r["round"] <= last_round]
-        self.metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        return kept
-
-    def append(self, record: dict) -> None:
-        with open(self.metrics, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def records(self) -> list[dict]:
-        return [json.loads(line) for line in self.metrics.read_text().splitlines()] if self.metrics.is_file() else []
+from raysim.run import groups as worker_groups
+from raysim.run.checkpoint import load_latest, save_checkpoint
+from raysim.run.run_dir import RunDir
+from raysim.run.seeding import derive_seed, sample_clients
+from raysim.run.storage import remove_tree
 
 
 class Engine:
-    def __init__(self, cfg_dict: dict, run_dir: str, resume: bool | str, staging: str | None = None):
-        """`run_dir`: a path or a filesystem URL (`staging`: where a URL's run is worked on);
-        `resume`: True, False, or "auto" (resume if `run_dir` holds a run)."""
+    def __init__(self, cfg: ExperimentConfig, run_dir: str, resume: bool | str, staging: str | None = None):
+        """`cfg`: the validated config (it travels typed, to a Driver actor too); `run_dir`: a
+        path or a filesystem URL (`staging`: where a URL's run is worked on); `resume`: True,
+        False, or "auto" (resume if `run_dir` holds a run)."""
         self.t_start = time.perf_counter()
-        self.cfg = cfg = config_from_dict(cfg_dict)
+        self.cfg = cfg
         self.algorithm = algorithms.load(cfg.algorithm.name)(cfg)
         capabilities.check(cfg, self.algorithm)  # an option it cannot honour fails before anything is written
         # Which worker group serves which client (a bad family fails before anything is written).
@@ -154,36 +58,10 @@ class Engine:
             if "quarantine" in meta:
                 self.quarantine = Quarantine.from_dict(meta["quarantine"])
             self.history = self.run.truncate_metrics(self.round)
-        seed_fn = functools.partial(derive_seed, cfg.seed)
         state_root = self.run.client_state
         if not resume:
             remove_tree(state_root)
-        rt = cfg.runtime
-        budget = int(rt.state_memory_mb * 2**20) if rt.state_memory_mb else None
-        if rt.num_workers == 0:
-            self.pool = LocalPool(self.guarded, seed_fn, state_root, budget, cfg.checkpoint.every + 1)
-        else:
-            inline = None
-            if _warm_start(rt, self.groups):
-                # The workers' thread count: the driver shares the cores with them while they start.
-                inline = ClientWorker(self.guarded, -1, seed_fn, state_root, rt.torch_threads, budget, cfg.checkpoint.every + 1)
-            self.pool = RayPool(
-                self.guarded,
-                seed_fn,
-                state_root,
-                num_clients=cfg.clients.total,
-                groups=[WorkerGroup(g.name, g.num_workers, g.num_cpus, g.num_gpus, g.resources) for g in self.groups],
-                placement=rt.placement,
-                assignment=rt.assignment,
-                torch_threads=rt.torch_threads,
-                state_memory_bytes=budget,
-                max_restarts=rt.max_worker_restarts,
-                keep_versions=cfg.checkpoint.every + 1,
-                inline=inline,
-                start_wait_s=rt.start_wait_s,
-                placement_strategy=rt.placement_strategy,
-                client_group=client_group,
-            )
+        self.pool = _build_pool(cfg, self.guarded, self.groups, client_group, state_root)
         # Actor creation above returns at once; build the driver's state while the workers
         # start and load their models, then wait for them.
         if self.state is None:
@@ -216,69 +94,26 @@ class Engine:
         return sample_clients(cfg.seed, r, cfg.clients.total, n, exclude=excluded), keep
 
     def run_round(self) -> dict:
-        cfg, rt = self.cfg, self.cfg.runtime
+        """One round, step by step: sample, broadcast, run the clients, fold, record,
+        evaluate, checkpoint."""
         r = self.round + 1
         t0 = time.perf_counter()
         client_ids, keep = self._sample(r)
-        msg = self.guarded.prepare(self.algorithm.broadcast(self.state, r, client_ids), client_ids, self.pool.client_call)
-        versions = {c: self.versions[c] for c in client_ids if c in self.versions}
-        out = self.pool.run_round(
-            msg,
-            client_ids,
-            versions,
-            keep=keep if len(client_ids) > keep else None,
-            deadline_s=rt.round_deadline_s,
-            min_results=rt.min_results,
-        )
-        for c in out.accepted:
-            self.versions[c] = r
-        t_agg = time.perf_counter()
+        msg = self._broadcast(r, client_ids)
+        out = self._run_clients(r, msg, client_ids, keep)
+        t_fold = time.perf_counter()
         outcome = self.guarded.finalize(self.state, out.acc, r, msg, out.accepted, out.late, self.pool.client_call)
         self.state = outcome.state
-        aggregate_s = out.merge_s + time.perf_counter() - t_agg
-        record = {
-            "round": r,
-            "clients": out.accepted,
-            "num_examples": out.num_examples,
-            "bytes_up": out.bytes_up,
-            "bytes_down": out.bytes_down,
-        }
-        if len(client_ids) != len(out.accepted) or rt.round_deadline_s:
-            record["sampled"], record["late"] = client_ids, out.late
-        if self.guarded.screens:
-            rejected = outcome.rejected
-            for c in out.accepted:
-                self.quarantine.record(c, r, c not in rejected)
-            record["rejected"] = dict(Counter(reject_kind(v) for v in rejected.values()))
-            record["rejected_clients"] = sorted(rejected)
-            record["quarantined"] = sorted(int(c) for c in self.quarantine.quarantined(r + 1))
-        record.update(outcome.metrics)  # e.g. DP's epsilon, fedlarge's per-client contribution
-        means = client_metric_means(out.client_metrics)
-        if "train_loss" in means:
-            record["train_loss"] = means["train_loss"]
-        if means:  # every metric the clients report (e.g. fedlarge's kept_fraction), averaged
-            record["client_means"] = means
+        aggregate_s = out.merge_s + time.perf_counter() - t_fold
+        record = self._record(r, client_ids, out, outcome)
         t_eval = time.perf_counter()
-        if r % cfg.eval.every == 0 or r == cfg.rounds:
+        if r % self.cfg.eval.every == 0 or r == self.cfg.rounds:
             record.update(self.algorithm.evaluate(self.state))
         eval_s = time.perf_counter() - t_eval
         t_ckpt = time.perf_counter()
-        checkpointed = r % cfg.checkpoint.every == 0 or r == cfg.rounds
-        if checkpointed:
-            meta = {
-                "seed": cfg.seed,
-                "client_versions": {str(c): v for c, v in sorted(self.versions.items())},
-                "quarantine": self.quarantine.to_dict(),
-            }
-            save_checkpoint(self.run.path, r, state_tensors(self.algorithm, self.state), meta, cfg.checkpoint.keep_last)
+        checkpointed = self._checkpoint(r)
         checkpoint_s = time.perf_counter() - t_ckpt
-        if rt.num_workers:
-            record["workers"] = out.workers  # remote workers that served the round (0: the driver)
-            # worker label ("<group>-<k>", "driver" for the driver's process) -> its clients
-            served_by: dict[str, list[int]] = {}
-            for c, w in sorted(out.served.items()):
-                served_by.setdefault("driver" if w < 0 else self.pool.labels[w], []).append(c)
-            record["served_by"] = dict(sorted(served_by.items()))
+        record.update(self._placement(out))
         record.update(
             requeued=out.requeued,
             worker_failures=out.worker_failures,
@@ -295,6 +130,72 @@ class Engine:
         if checkpointed:  # a URL run directory: the checkpoint and this round's metrics
             self.sync_s += self.run.sync()
         return record
+
+    def _broadcast(self, r: int, client_ids: list[int]):
+        # the guard adds what its mode needs (SecAgg's key exchange with this round's clients)
+        return self.guarded.prepare(self.algorithm.broadcast(self.state, r, client_ids), client_ids, self.pool.client_call)
+
+    def _run_clients(self, r: int, msg, client_ids: list[int], keep: int):
+        rt = self.cfg.runtime
+        versions = {c: self.versions[c] for c in client_ids if c in self.versions}
+        out = self.pool.run_round(
+            msg,
+            client_ids,
+            versions,
+            keep=keep if len(client_ids) > keep else None,
+            deadline_s=rt.round_deadline_s,
+            min_results=rt.min_results,
+        )
+        for c in out.accepted:
+            self.versions[c] = r
+        return out
+
+    def _record(self, r: int, client_ids: list[int], out, outcome) -> dict:
+        """What the round did: its clients, bytes, rejections, the fold's and clients' metrics."""
+        record = {
+            "round": r,
+            "clients": out.accepted,
+            "num_examples": out.num_examples,
+            "bytes_up": out.bytes_up,
+            "bytes_down": out.bytes_down,
+        }
+        if len(client_ids) != len(out.accepted) or self.cfg.runtime.round_deadline_s:
+            record["sampled"], record["late"] = client_ids, out.late
+        if self.guarded.screens:
+            rejected = outcome.rejected
+            for c in out.accepted:
+                self.quarantine.record(c, r, c not in rejected)
+            record["rejected"] = dict(Counter(reject_kind(v) for v in rejected.values()))
+            record["rejected_clients"] = sorted(rejected)
+            record["quarantined"] = sorted(int(c) for c in self.quarantine.quarantined(r + 1))
+        record.update(outcome.metrics)  # e.g. DP's epsilon, fedlarge's per-client contribution
+        means = client_metric_means(out.client_metrics)
+        if "train_loss" in means:
+            record["train_loss"] = means["train_loss"]
+        if means:  # every metric the clients report (e.g. fedlarge's kept_fraction), averaged
+            record["client_means"] = means
+        return record
+
+    def _checkpoint(self, r: int) -> bool:
+        cfg = self.cfg
+        if not (r % cfg.checkpoint.every == 0 or r == cfg.rounds):
+            return False
+        meta = {
+            "seed": cfg.seed,
+            "client_versions": {str(c): v for c, v in sorted(self.versions.items())},
+            "quarantine": self.quarantine.to_dict(),
+        }
+        save_checkpoint(self.run.path, r, state_tensors(self.algorithm, self.state), meta, cfg.checkpoint.keep_last)
+        return True
+
+    def _placement(self, out) -> dict:
+        """Which remote workers served the round (0: the driver) and which clients each ran."""
+        if not self.cfg.runtime.num_workers:
+            return {}
+        served_by: dict[str, list[int]] = {}
+        for c, w in sorted(out.served.items()):  # worker label "<group>-<k>", or "driver"
+            served_by.setdefault("driver" if w < 0 else self.pool.labels[w], []).append(c)
+        return {"workers": out.workers, "served_by": dict(sorted(served_by.items()))}
 
     def finish(self, cli_peak_rss_mb: float = 0.0, run_peak_pss_mb: float | None = None, wait: bool = True) -> dict:
         """`cli_peak_rss_mb`: the CLI process when it is not this one (Ray mode);
@@ -335,7 +236,7 @@ class Engine:
         return summary
 
     def _draw_and_sync(self) -> None:
-        from raysim.report import write_curves
+        from raysim.run.report import write_curves
 
         try:
             write_curves(self.history, self.run.path / "curves.png")
@@ -375,3 +276,33 @@ def _warm_start(rt, groups) -> bool:
     reserved = sum(g.num_workers * g.num_cpus for g in groups)
     return (os.cpu_count() or 1) > reserved
 
+
+def _build_pool(cfg: ExperimentConfig, guarded, groups, client_group, state_root: str):
+    """The workers that run the clients: in this process (runtime.num_workers 0), or Ray actors."""
+    rt = cfg.runtime
+    seed_fn = functools.partial(derive_seed, cfg.seed)
+    budget = int(rt.state_memory_mb * 2**20) if rt.state_memory_mb else None
+    keep_versions = cfg.checkpoint.every + 1
+    if rt.num_workers == 0:
+        return LocalPool(guarded, seed_fn, state_root, budget, keep_versions)
+    inline = None
+    if _warm_start(rt, groups):
+        # The workers' thread count: the driver shares the cores with them while they start.
+        inline = ClientWorker(guarded, -1, seed_fn, state_root, rt.torch_threads, budget, keep_versions)
+    return RayPool(
+        guarded,
+        seed_fn,
+        state_root,
+        num_clients=cfg.clients.total,
+        groups=[WorkerGroup(g.name, g.num_workers, g.num_cpus, g.num_gpus, g.resources) for g in groups],
+        placement=rt.placement,
+        assignment=rt.assignment,
+        torch_threads=rt.torch_threads,
+        state_memory_bytes=budget,
+        max_restarts=rt.max_worker_restarts,
+        keep_versions=keep_versions,
+        inline=inline,
+        start_wait_s=rt.start_wait_s,
+        placement_strategy=rt.placement_strategy,
+        client_group=client_group,
+    )

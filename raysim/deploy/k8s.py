@@ -344,7 +344,8 @@ def manifests(
     run_root: str = DEFAULT_RUN_ROOT, env_secret: str | None = None, source: str = "<config>",
 ) -> tuple[dict, dict, list[tuple[str, Layout]]]:  # fmt: skip
     """(ConfigMap, RayJob, (worker group name, layout) per worker group)."""
-    from raysim import algorithms, groups
+    from raysim import algorithms
+    from raysim.run import groups
 
     rt = cfg.runtime
     resolved, _ = groups.resolve(cfg, algorithms.load(cfg.algorithm.name)(cfg), source)
@@ -449,7 +450,7 @@ def render(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m raysim.k8s render ...`: the same command without the rest of the CLI."""
+    """`python -m raysim.deploy.k8s render ...`: the same command without the rest of the CLI."""
     parser = argparse.ArgumentParser(prog="raysim", description="Kubernetes manifests for raysim experiments.")
     add_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)

@@ -1,0 +1,1 @@
+"""Running raysim elsewhere: Ray jobs on a cluster and KubeRay manifests."""
