@@ -12,7 +12,7 @@ from typing import Callable
 from actors.protocol import ConfigProblems, GuardableUpdates, HeterogeneousRanks, LoraAggregation
 from raysim.config import ConfigError, ExperimentConfig
 
-GUARD = "its clients return tensors shaped like what they were sent (GuardableUpdates: client_reference)"
+GUARD = "returns client updates shaped like what the clients were sent (GuardableUpdates: client_reference)"
 
 # (key, asked for in this config?, the protocol needed, what that protocol means)
 ROWS: list[tuple[str, Callable[[ExperimentConfig], bool], type, str]] = [
@@ -27,13 +27,13 @@ ROWS: list[tuple[str, Callable[[ExperimentConfig], bool], type, str]] = [
         "algorithm.lora_aggregation",
         lambda c: c.algorithm.lora_aggregation != "factors",
         LoraAggregation,
-        "it combines LoRA factors by a rule (LoraAggregation)",
+        "combines LoRA factors by a rule (LoraAggregation)",
     ),
     (
         "lora.client_ranks",
         lambda c: bool(c.lora.client_ranks),
         HeterogeneousRanks,
-        "its clients can train adapters of different ranks (HeterogeneousRanks)",
+        "trains adapters of different ranks per client (HeterogeneousRanks)",
     ),
 ]
 
@@ -41,7 +41,7 @@ ROWS: list[tuple[str, Callable[[ExperimentConfig], bool], type, str]] = [
 def problems(cfg: ExperimentConfig, algorithm) -> list[str]:
     name = cfg.algorithm.name
     out = [
-        f"{key}: algorithm '{name}' cannot honour it: that needs an algorithm whose {means}; "
+        f"{key}: algorithm '{name}' cannot honour it: that needs an algorithm that {means}; "
         f"remove {key} or choose another algorithm"
         for key, asked, protocol, means in ROWS
         if asked(cfg) and not isinstance(algorithm, protocol)

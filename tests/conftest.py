@@ -34,3 +34,31 @@ def tiny_overrides(**extra) -> list[str]:
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The suite shares 2 cores with Ray workers; a second torch thread only adds contention
+    (and the algorithm contract is stated at one thread). Use: pytestmark = usefixtures."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def clone_all(tensors):
+    return {k: v.clone() for k, v in tensors.items()}
+
+
+def assert_same(a, b, atol: float = 0.0):
+    """Same keys; equal tensors (to the last bit unless `atol` is given)."""
+    import torch
+
+    assert a.keys() == b.keys()
+    for k in a:
+        if atol:
+            torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
+        else:
+            assert torch.equal(a[k], b[k]), k

@@ -19,12 +19,7 @@ from raysim.run.engine import Engine
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "fedlarge.yaml")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_cfg(**extra):

@@ -1,7 +1,6 @@
 """FedRecon (raysim/algorithms/fedrecon.py, models/mvae.py): phases, masks, ELBO,
 per-modality aggregation by hand, the algorithm contract and a Ray run across all phases."""
 import json
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ from safetensors.torch import load_file
 
 from actors.protocol import ClientContext, ClientResult
 from models import mvae
+from conftest import assert_same
 from raysim import cli
 from raysim.algorithms.fedrecon import (
     Batch,
@@ -33,13 +33,7 @@ METRICS = {"f1", "accuracy", "f1_filled", "i2t_top1", "i2t_top5", "t2i_top1", "t
            "rec_img_mse", "rec_txt_err", "xrec_img_mse", "xrec_txt_err", "xrec_digit_acc"}  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The suite shares 2 cores with Ray workers; a second torch thread only adds contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small(*extra: str) -> list[str]:
@@ -62,16 +56,6 @@ def small(*extra: str) -> list[str]:
 
 def make(*extra: str) -> FedRecon:
     return FedRecon(load_config(CONFIG, small(*extra)))
-
-
-def clone_all(tensors):
-    return {k: v.clone() for k, v in tensors.items()}
-
-
-def assert_same(a, b, atol=0.0):
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
 
 
 # ----------------------------------------------------------------------------- schedule, options, masks
@@ -244,12 +228,12 @@ def both_client(alg: FedRecon) -> int:
         ("zero_fill", 5, {"classifier"}),
     ],
 )
-def test_contract(variant, round, uploads):
+def test_uploads_and_frozen_modules_per_phase_and_variant(variant, round, uploads):
+    # determinism, pickling, untouched inputs and merge order: tests/test_algorithm_contract.py
     alg = make(f"algorithm.options.variant={variant}")
     cid = both_client(alg)
     state = alg.init_server()
     msg = alg.broadcast(state, round, list(range(6)))
-    sent, state_before = clone_all(msg.tensors), clone_all(alg.state_tensors(state))
     resident = alg.build_resident()
 
     def step(algorithm, client_state):
@@ -257,24 +241,17 @@ def test_contract(variant, round, uploads):
 
     client_state = {}
     r1 = step(alg, client_state)
-    r2 = step(pickle.loads(pickle.dumps(alg)), {})  # workers receive a pickled copy
     assert {k.split("/")[0] for k in r1.tensors} == uploads
-    assert_same(r1.tensors, r2.tensors)
-    assert r1.metrics == r2.metrics and r1.num_examples == len(alg.data.client(cid))
+    assert r1.num_examples == len(alg.data.client(cid))
     assert np.isfinite(r1.metrics["train_loss"])
     assert 0 < r1.metrics["n_pair"] < r1.num_examples and r1.metrics["n_image"] + r1.metrics["n_text"] > r1.num_examples
-    assert_same(msg.tensors, sent)  # the broadcast is shared by every client: never modified
     assert set(client_state) == {"masks"}  # the client's record of what it misses
     assert client_state["masks"]["has_img"].sum().item() == r1.metrics["n_image"]
     frozen = {g for g in alg.groups if g not in uploads}  # e.g. the generator in phase B
     for g in frozen:
         assert_same({k: v for k, v in resident.module(g).state_dict().items()}, state[g])
 
-    acc = pickle.loads(pickle.dumps(alg.merge(alg.zero(msg), alg.accumulate(alg.zero(msg), r1))))
-    uploaded = clone_all(r1.tensors)
-    new = alg.finalize(state, acc)
-    assert_same(r1.tensors, uploaded)
-    assert_same(alg.state_tensors(state), state_before)  # finalize returns a new state
+    new = alg.finalize(state, alg.accumulate(alg.zero(msg), r1))
     for group in uploads:  # one client: the new global is its upload (up to the fold's 2**-32 rounding)
         upload = {k[len(group) + 1 :]: t for k, t in r1.tensors.items() if k.startswith(group + "/")}
         assert_same(new[group], upload, atol=1e-9)

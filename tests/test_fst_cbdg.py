@@ -1,13 +1,11 @@
 """FST-CBDG: pure pieces by hand, the algorithm contract, and runs in local mode and
 through real Ray actors."""
-import copy
 import json
-import pickle
 
 import pytest
 import torch
 
-from actors.protocol import Broadcast, ClientContext
+from actors.protocol import Broadcast, ClientContext, bytes_down
 from raysim.algorithms import fst_cbdg
 from raysim.algorithms import options_of
 from raysim.config import load_config
@@ -98,26 +96,21 @@ def step(alg, resident, client_id, msg, state):
     return alg.client_step(ctx, msg), ctx
 
 
-def test_contract_determinism_pickling_and_bytes():
+def test_head_trains_travels_as_c_by_d_and_folds_by_samples():
+    # determinism, pickling, untouched inputs and merge order: tests/test_algorithm_contract.py
     alg = fst_cbdg.ALGORITHM(tiny_cfg())
     resident = alg.build_resident()
     state = alg.init_server()
     assert {k: tuple(t.shape) for k, t in state.items()} == {"weight": (C, D), "bias": (C,)}
     assert torch.equal(state["weight"], resident.text_features)  # head starts as zero-shot
     msg = alg.broadcast(state, 1, [0, 1])
-    before = copy.deepcopy(msg.tensors)
 
     r1, ctx = step(alg, resident, 1, msg, {})
-    r2, _ = step(alg, resident, 1, msg, {})
-    assert all(torch.equal(r1.tensors[k], r2.tensors[k]) for k in r1.tensors)  # same seed, same head
-    assert all(torch.equal(before[k], msg.tensors[k]) for k in before)  # broadcast untouched
     assert not torch.equal(r1.tensors["weight"], state["weight"])  # it did train
-    assert pickle.loads(pickle.dumps(r1)).tensors.keys() == r1.tensors.keys()
-    assert pickle.loads(pickle.dumps(alg)).cfg == alg.cfg
 
     # only C x d + C floats travel each way
     head_bytes = (C * D + C) * 4
-    assert alg.bytes_down(msg, 1) == head_bytes
+    assert bytes_down(alg, msg, 1) == head_bytes
     assert sum(t.numel() * t.element_size() for t in r1.tensors.values()) == head_bytes
 
     # the cache persists as tensor groups; a second visit moves the labels towards the head
@@ -131,15 +124,13 @@ def test_contract_determinism_pickling_and_bytes():
     m = opts.label_momentum
     assert torch.allclose(ctx.state["cache"]["soft_labels"], m * first_labels + (1 - m) * probs)
 
-    # the fold is a sample-weighted mean and leaves its inputs alone
+    # the fold is a sample-weighted mean
     r0, _ = step(alg, resident, 0, msg, {})
-    kept = copy.deepcopy(r0.tensors)
     acc = alg.merge(alg.accumulate(alg.zero(msg), r0), alg.accumulate(alg.zero(msg), r1))
     mean = alg.finalize(state, acc)
     n0, n1 = r0.num_examples, r1.num_examples
     expect = (n0 * r0.tensors["weight"] + n1 * r1.tensors["weight"]) / (n0 + n1)
     assert torch.allclose(mean["weight"], expect, atol=1e-6)
-    assert all(torch.equal(kept[k], r0.tensors[k]) for k in kept)
 
 
 def test_class_balanced_generation_in_a_client_step():
@@ -184,8 +175,3 @@ def test_local_mode_run(local_run):
     check_run(*local_run)
 
 
-def test_ray_run_matches_local(tmp_path, ray_cluster, local_run):
-    out, records = run_cli(tmp_path / "ray", **{"runtime.num_workers": 2})
-    check_run(out, records)
-    # worker count and scheduling never change the result
-    assert [r["accuracy"] for r in records] == pytest.approx([r["accuracy"] for r in local_run[1]], abs=1e-6)

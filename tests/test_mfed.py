@@ -1,6 +1,5 @@
 """M-Fed (raysim/algorithms/mfed.py): contract, grouped aggregation by hand, a Ray run."""
 import json
-import pickle
 from pathlib import Path
 
 import pytest
@@ -9,6 +8,7 @@ from safetensors.torch import load_file
 
 from actors.protocol import ClientContext, ClientResult
 from models import multitask as mt
+from conftest import assert_same, clone_all
 from raysim import cli
 from raysim.algorithms.mfed import MFed, TaskAssignmentError, flatten
 from raysim.algorithms import options_of
@@ -18,13 +18,7 @@ CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "mfed.yaml")
 TASKS_4 = "{classify: 2, regress: 1, denoise: 1}"  # clients 0-1 classify, 2 regress, 3 denoise
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The suite shares 2 cores with Ray workers; a second torch thread only adds contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small(*extra: str) -> list[str]:
@@ -42,16 +36,6 @@ def small(*extra: str) -> list[str]:
 
 def make(*extra: str) -> MFed:
     return MFed(load_config(CONFIG, small(*extra)))
-
-
-def clone_all(tensors):
-    return {k: v.clone() for k, v in tensors.items()}
-
-
-def assert_same(a, b, atol=0.0):
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
 
 
 # ----------------------------------------------------------------------------- options
@@ -89,11 +73,11 @@ def test_tasks_are_assigned_in_blocks_in_canonical_order():
     ],
     ids=["mfed", "task_fedavg", "local", "mfed_lora_output_pull"],
 )
-def test_contract(extra, uploads):
+def test_uploads_kept_state_and_fold_per_mode(extra, uploads):
+    # determinism, pickling, untouched inputs and merge order: tests/test_algorithm_contract.py
     alg = make(*extra)
     state = alg.init_server()
     msg = alg.broadcast(state, 1, [0, 1, 2, 3])
-    sent, state_before = clone_all(msg.tensors), clone_all(alg.state_tensors(state))
     resident = alg.build_resident()
 
     def step(algorithm, client_state):
@@ -101,12 +85,9 @@ def test_contract(extra, uploads):
 
     client_state = {}
     r1 = step(alg, client_state)
-    r2 = step(pickle.loads(pickle.dumps(alg)), {})  # workers receive a pickled copy
     assert {k.split("/")[0] for k in r1.tensors} == uploads
-    assert_same(r1.tensors, r2.tensors)
-    assert r1.metrics == r2.metrics and r1.num_examples == len(alg.data.client(1)) > 0
+    assert r1.num_examples == len(alg.data.client(1)) > 0
     assert 0.0 <= r1.metrics["test_accuracy"] <= 1.0
-    assert_same(msg.tensors, sent)  # the broadcast is shared by every client: never modified
     # what persists on the worker: the client's own decoder, and its encoder when training alone
     assert set(client_state) == ({"encoder", "decoder"} if alg.opts.mode == "local" else {"decoder"})
     if uploads:  # the uploaded decoder is the one kept
@@ -115,12 +96,7 @@ def test_contract(extra, uploads):
     for group in client_state.values():
         assert all(isinstance(t, torch.Tensor) for t in group.values())
 
-    acc = alg.accumulate(alg.zero(msg), r1)
-    uploaded = clone_all(r1.tensors)
-    acc = pickle.loads(pickle.dumps(alg.merge(alg.zero(msg), acc)))
-    new = alg.finalize(state, acc)
-    assert_same(r1.tensors, uploaded)
-    assert_same(alg.state_tensors(state), state_before)  # finalize returns a new state
+    new = alg.finalize(state, alg.accumulate(alg.zero(msg), r1))
     assert new["client_eval"]["classify.accuracy"].item() == pytest.approx(r1.metrics["test_accuracy"])
     for group in uploads:  # one client: the new global is its upload (up to the fold's 2**-32 rounding)
         upload = {k[len(group) + 1 :]: t for k, t in r1.tensors.items() if k.startswith(group + "/")}

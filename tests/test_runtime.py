@@ -63,20 +63,14 @@ def test_client_metric_means_skip_nan_and_non_numbers():
     assert client_metric_means({}) == {}
 
 
-def test_ray_pool_matches_local_mode(tmp_path, ray_cluster):
-    local = run(tmp_path, "local", rounds=2)
+def test_ray_pool_writes_a_timeline_and_every_workers_memory(tmp_path, ray_cluster):
+    # local mode == the Ray pool, bit for bit at 1 thread: tests/test_algorithm_contract.py
     timeline = tmp_path / "timeline.json"
     over = {"rounds": 2, "runtime.num_workers": 2, "runtime.warm_start": "false"}
     pooled = run(tmp_path, "pooled", "--timeline", str(timeline), **over)
     events = json.loads(timeline.read_text())
     assert sum(e.get("name") == "run" for e in events) >= 2  # the workers' client batches
-    rl, rp = records(local), records(pooled)
-    assert [r["clients"] for r in rl] == [r["clients"] for r in rp]
-    for x, y in zip(rl, rp):
-        assert x.get("accuracy") == pytest.approx(y.get("accuracy"), abs=1e-6)
-    sl, sp = final_state(local), final_state(pooled)
-    for k in sl:
-        torch.testing.assert_close(sl[k], sp[k], rtol=1e-3, atol=1e-4)  # thread counts differ: float order
+    assert [r["round"] for r in records(pooled)] == [0, 1, 2]
     summary = json.loads((pooled / "summary.json").read_text())
     assert len(summary["peak_rss_mb_by_process"]["workers"]) == 2
 

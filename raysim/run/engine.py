@@ -256,9 +256,10 @@ class Engine:
 
 def client_metric_means(client_metrics: dict[int, dict[str, float]]) -> dict[str, float]:
     """Per metric name, the plain mean over the clients that reported it as a number (NaN
-    skipped: e.g. a client with no batch this round), in name order."""
+    skipped: e.g. a client with no batch this round), in name order. Summed in client-id
+    order: float addition is not associative, and the order partials arrive in must not show."""
     values: dict[str, list[float]] = {}
-    for metrics in client_metrics.values():
+    for _, metrics in sorted(client_metrics.items()):
         for name, v in metrics.items():
             if isinstance(v, (int, float)) and not math.isnan(v):
                 values.setdefault(name, []).append(float(v))
