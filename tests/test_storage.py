@@ -234,3 +234,19 @@ def test_auto_resume_on_a_local_path_and_a_changed_config(tmp_path, capsys):
         RunDir(tmp_path / "run").prepare(other, "auto")
     assert run(tmp_path / "run", "--auto-resume", seed=5) == 2
     assert "different config" in capsys.readouterr().err
+
+
+def test_a_key_that_escapes_the_staging_directory_is_refused(tmp_path, mem_url, capsys):
+    """Anyone who can write under the URL's prefix must not get a file write elsewhere."""
+    stage = tmp_path / "stage"
+    assert run(mem_url, "--staging", str(stage), rounds=1) == 0
+    root = mem_url.removeprefix("memory://")
+    MEM.pipe_file(f"{root}/checkpoints/../../../../escaped.txt", b"owned")
+    assert run(mem_url, "--staging", str(tmp_path / "fresh"), "--resume", rounds=2) == 2
+    err = capsys.readouterr().err
+    assert "would be written outside the staging directory" in err and "Traceback" not in err
+    assert not any(p.name == "escaped.txt" for p in tmp_path.rglob("*"))
+    assert not (tmp_path / "fresh" / "metrics.jsonl").exists()  # nothing was downloaded
+    # the run itself is untouched: removing the key lets it resume
+    MEM.rm_file(f"{root}/checkpoints/../../../../escaped.txt")
+    assert run(mem_url, "--staging", str(tmp_path / "fresh2"), "--resume", rounds=2) == 0

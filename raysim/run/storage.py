@@ -206,6 +206,7 @@ class Mirror:
         without its meta.json (an upload cut short) is left out, and deleted remotely by
         the next sync. Returns the relative paths downloaded."""
         files = [f for f in self.remote_files() if not f.startswith(REMOTE_ONLY + "/")]
+        self._check_inside(files)
         committed = {str(PurePosixPath(f).parent) for f in files if _is_commit(f)}
         got = []
         for rel in files:
@@ -220,6 +221,20 @@ class Mirror:
             self.synced[rel] = (st.st_size, st.st_mtime_ns)
             got.append(rel)
         return got
+
+    def _check_inside(self, files: list[str]) -> None:
+        """Refuse, before writing anything, a remote key that would land outside the
+        staging directory ("../x", an absolute path): whoever can write under the URL's
+        prefix must not get a file write anywhere else on this machine."""
+        root = self.staging.resolve()
+        for rel in files:
+            target = (self.staging / rel).resolve()
+            if PurePosixPath(rel).is_absolute() or ".." in PurePosixPath(rel).parts or not target.is_relative_to(root):
+                raise StorageError(
+                    f"--out {self.url}: the key {rel!r} there would be written outside the staging directory "
+                    f"{self.staging}; nothing was downloaded. Remove that key from the bucket (someone with "
+                    "write access to it put it there) and run again."
+                )
 
     def sync(self) -> dict[str, int]:
         """Upload new and changed files, then delete remotely what the run deleted locally."""
