@@ -8,6 +8,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import tiny_overrides
@@ -99,4 +100,63 @@ def test_run_killed_at_a_round_resumes_bit_identical(tmp_path):
 
     a = load_file(str(full / "checkpoints/round-00006/server.safetensors"))
     b = load_file(str(killed / "checkpoints/round-00006/server.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _records(out: Path) -> list[dict]:
+    # every key but the time breakdown (wall_s, compute_s, ...), which differs run to run
+    return [{k: v for k, v in json.loads(x).items() if not k.endswith("_s")} for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _summary(out: Path) -> dict:
+    s = json.loads((out / "summary.json").read_text())
+    return {k: v for k, v in s.items() if not k.endswith("_s") and "mb" not in k and "rss" not in k}
+
+
+def _run(out: Path, *extra: str) -> int:
+    # every client trains every round: each round writes a new state version of each
+    over = tiny_overrides(rounds=4, **{"checkpoint.keep_last": 3, "clients.total": 4, "clients.per_round": 4})
+    return cli_main(["run", str(ROOT / "configs/quickstart.yaml"), *over, "--quiet", "--out", str(out), *extra])
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory):
+    """The uninterrupted 4-round reference."""
+    out = tmp_path_factory.mktemp("full") / "run"
+    assert _run(out) == 0
+    return out
+
+
+def test_killed_between_checkpoint_and_record_resumes_with_every_record(tmp_path, monkeypatch, full):
+    from raysim.run.run_dir import RunDir
+
+    append = RunDir.append
+    for round_ in (2, 4):  # mid-run, and the last round (then only summary.json is missing)
+        def die_after_checkpoint(self, record, round_=round_):
+            if record["round"] == round_:
+                raise KeyboardInterrupt  # as a kill would: the checkpoint is written, the record not
+            append(self, record)
+
+        out = tmp_path / f"killed-{round_}"
+        with monkeypatch.context() as m:
+            m.setattr(RunDir, "append", die_after_checkpoint)
+            assert _run(out) == 130
+        assert (out / f"checkpoints/round-{round_:05d}").is_dir()
+        assert [r["round"] for r in _records(out)] == list(range(round_))
+        assert _run(out, "--resume") == 0
+        assert _records(out) == _records(full)
+        assert _summary(out) == _summary(full)
+
+
+def test_resume_falls_back_two_checkpoints_when_the_newest_are_garbage(tmp_path, full):
+    out = tmp_path / "broken"
+    assert _run(out) == 0
+    for r in (3, 4):  # the two newest checkpoints: unreadable
+        (out / f"checkpoints/round-{r:05d}/server.safetensors").write_bytes(b"garbage")
+    assert _run(out, "--resume") == 0  # from round 2: every client's state of round 2 was kept
+    assert _records(out) == _records(full)
+    from safetensors.torch import load_file
+
+    a = load_file(str(full / "checkpoints/round-00004/server.safetensors"))
+    b = load_file(str(out / "checkpoints/round-00004/server.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)

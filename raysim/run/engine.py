@@ -58,6 +58,9 @@ class Engine:
             if "quarantine" in meta:
                 self.quarantine = Quarantine.from_dict(meta["quarantine"])
             self.history = self.run.truncate_metrics(self.round)
+            if "record" in meta and (not self.history or self.history[-1]["round"] < self.round):
+                self.run.append(meta["record"])  # killed after the checkpoint, before its record
+                self.history.append(meta["record"])
         state_root = self.run.client_state
         if not resume:
             remove_tree(state_root)
@@ -110,9 +113,6 @@ class Engine:
         if r % self.cfg.eval.every == 0 or r == self.cfg.rounds:
             record.update(self.algorithm.evaluate(self.state))
         eval_s = time.perf_counter() - t_eval
-        t_ckpt = time.perf_counter()
-        checkpointed = self._checkpoint(r)
-        checkpoint_s = time.perf_counter() - t_ckpt
         record.update(self._placement(out))
         record.update(
             requeued=out.requeued,
@@ -121,9 +121,10 @@ class Engine:
             transfer_s=out.transfer_s,
             aggregate_s=aggregate_s,
             eval_s=eval_s,
-            checkpoint_s=checkpoint_s,
-            wall_s=time.perf_counter() - t0,
         )
+        t_ckpt = time.perf_counter()
+        checkpointed = self._checkpoint(r, {**record, "wall_s": t_ckpt - t0})
+        record.update(checkpoint_s=time.perf_counter() - t_ckpt, wall_s=time.perf_counter() - t0)
         self.round = r
         self.run.append(record)
         self.history.append(record)
@@ -176,7 +177,9 @@ class Engine:
             record["client_means"] = means
         return record
 
-    def _checkpoint(self, r: int) -> bool:
+    def _checkpoint(self, r: int, record: dict) -> bool:
+        """The round's record goes into the checkpoint too: a run killed between the two
+        gets it back on resume (metrics.jsonl is appended after the checkpoint)."""
         cfg = self.cfg
         if not (r % cfg.checkpoint.every == 0 or r == cfg.rounds):
             return False
@@ -184,6 +187,7 @@ class Engine:
             "seed": cfg.seed,
             "client_versions": {str(c): v for c, v in sorted(self.versions.items())},
             "quarantine": self.quarantine.to_dict(),
+            "record": record,
         }
         save_checkpoint(self.run.path, r, state_tensors(self.algorithm, self.state), meta, cfg.checkpoint.keep_last)
         return True
@@ -283,7 +287,9 @@ def _build_pool(cfg: ExperimentConfig, guarded, groups, client_group, state_root
     rt = cfg.runtime
     seed_fn = functools.partial(derive_seed, cfg.seed)
     budget = int(rt.state_memory_mb * 2**20) if rt.state_memory_mb else None
-    keep_versions = cfg.checkpoint.every + 1
+    # every checkpoint kept may be resumed from (the newest ones may be unreadable), so each
+    # client keeps the state versions back to the oldest: a client trains at most once a round
+    keep_versions = cfg.checkpoint.every * cfg.checkpoint.keep_last + 1
     if rt.num_workers == 0:
         return LocalPool(guarded, seed_fn, state_root, budget, keep_versions)
     inline = None
