@@ -316,6 +316,12 @@ class ExperimentConfig(_Strict):
             problems.append(
                 "robust rules, DP and secure aggregation work on same-shape updates; drop lora.client_ranks"
             )
+        if self.privacy.secure_aggregation and self.runtime.warm_start:
+            problems.append(
+                "runtime.warm_start trains clients in the driver's process, which would then see their plain"
+                " updates under privacy.secure_aggregation; set runtime.warm_start false, or leave it unset"
+                " (it is off under secure aggregation)"
+            )
         if self.runtime.min_results and self.runtime.min_results > self.clients.per_round:
             problems.append(
                 f"runtime.min_results ({self.runtime.min_results}) exceeds clients.per_round ({self.clients.per_round})"

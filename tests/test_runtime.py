@@ -94,6 +94,17 @@ def test_warm_start_auto_only_when_the_driver_has_a_core_to_spare(monkeypatch):
     assert engine._warm_start(rt(), [NS(num_workers=2, num_cpus=1.0), NS(num_workers=1, num_cpus=1.5)])  # 3.5 < 4
     assert not engine._warm_start(rt(), [NS(num_workers=2, num_cpus=1.0), NS(num_workers=2, num_cpus=1.0)])
     assert not engine._warm_start(rt(warm_start=False), two_workers)
+    # never under SecAgg, where a client in the driver's process would show it its plain update
+    assert not engine._warm_start(rt(ray_address="ray://head:10001"), [NS(num_workers=16, num_cpus=1.0)], True)
+
+
+def test_warm_start_and_secure_aggregation_together_are_a_config_error():
+    from raysim.config import ConfigError, load_config
+
+    over = ["privacy.secure_aggregation=true", "runtime.warm_start=true"]
+    with pytest.raises(ConfigError, match=r"runtime.warm_start trains clients in the driver's process"):
+        load_config("configs/quickstart.yaml", over)
+    assert load_config("configs/quickstart.yaml", over[:1]).runtime.warm_start is None  # unset: resolved to off
 
 
 def test_warm_start_serves_clients_in_the_driver_until_workers_are_ready(tmp_path, ray_cluster):

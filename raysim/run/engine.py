@@ -270,9 +270,11 @@ def client_metric_means(client_metrics: dict[int, dict[str, float]]) -> dict[str
     return {name: sum(vs) / len(vs) for name, vs in sorted(values.items())}
 
 
-def _warm_start(rt, groups) -> bool:
-    """runtime.warm_start, with None resolved: on when the driver has a core to spare."""
-    if rt.placement != "pooled":
+def _warm_start(rt, groups, secure_aggregation: bool = False) -> bool:
+    """runtime.warm_start, with None resolved: on when the driver has a core to spare. Never
+    under secure aggregation: a client trained in the driver's process shows the driver its
+    plain update (asking for both is a config error)."""
+    if rt.placement != "pooled" or secure_aggregation:
         return False
     if rt.warm_start is not None:
         return rt.warm_start
@@ -293,7 +295,7 @@ def _build_pool(cfg: ExperimentConfig, guarded, groups, client_group, state_root
     if rt.num_workers == 0:
         return LocalPool(guarded, seed_fn, state_root, budget, keep_versions)
     inline = None
-    if _warm_start(rt, groups):
+    if _warm_start(rt, groups, cfg.privacy.secure_aggregation):
         # The workers' thread count: the driver shares the cores with them while they start.
         inline = ClientWorker(guarded, -1, seed_fn, state_root, rt.torch_threads, budget, keep_versions)
     return RayPool(
