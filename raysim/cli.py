@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -70,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     from raysim.run.checkpoint import CheckpointError
     from raysim.config import ConfigError, load_config
 
+    _stop_on_sigterm()
     try:
         # The algorithm's options are checked by _run (in parallel with Ray's start-up).
         cfg = load_config(args.config, args.overrides)
@@ -84,6 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("raysim: interrupted; resume with --resume", file=sys.stderr)
         return 130
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (what Kubernetes and `ray job stop` send) stops like Ctrl-C: cleanly, resumable."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 def _pretrain(cfg) -> int:
@@ -140,6 +149,7 @@ def _start_ray(cfg, load_engine):
         else:
             # address="local": always a new embedded Ray, never a `ray start` cluster found on the machine
             ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
+        _stop_on_sigterm()  # ray.init installs its own, which dumps a stack and aborts
     thread.join()
     if "error" in loaded:
         ray.shutdown()

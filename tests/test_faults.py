@@ -105,7 +105,9 @@ def test_run_killed_at_a_round_resumes_bit_identical(tmp_path):
 
 def _records(out: Path) -> list[dict]:
     # every key but the time breakdown (wall_s, compute_s, ...), which differs run to run
-    return [{k: v for k, v in json.loads(x).items() if not k.endswith("_s")} for x in (out / "metrics.jsonl").read_text().splitlines()]
+    # and where the clients ran (Ray's workers or the driver's process)
+    return [{k: v for k, v in json.loads(x).items() if not k.endswith("_s") and k not in ("workers", "served_by")}
+            for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def _summary(out: Path) -> dict:
@@ -114,9 +116,16 @@ def _summary(out: Path) -> dict:
 
 
 def _run(out: Path, *extra: str) -> int:
+    """In this process at one torch thread, as Ray's workers train (runtime.torch_threads 1):
+    local runs and Ray runs are then bit-identical (tests/test_algorithm_contract.py)."""
     # every client trains every round: each round writes a new state version of each
     over = tiny_overrides(rounds=4, **{"checkpoint.keep_last": 3, "clients.total": 4, "clients.per_round": 4})
-    return cli_main(["run", str(ROOT / "configs/quickstart.yaml"), *over, "--quiet", "--out", str(out), *extra])
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return cli_main(["run", str(ROOT / "configs/quickstart.yaml"), *over, "--quiet", "--out", str(out), *extra])
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -160,3 +169,24 @@ def test_resume_falls_back_two_checkpoints_when_the_newest_are_garbage(tmp_path,
     a = load_file(str(full / "checkpoints/round-00004/server.safetensors"))
     b = load_file(str(out / "checkpoints/round-00004/server.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_stops_cleanly_and_resumes_bit_identical(tmp_path, full):
+    """Kubernetes stops a pod with SIGTERM: a clean stop (exit 130, no native stack dump)
+    that --resume continues. On Ray workers, as a RayJob runs."""
+    out = tmp_path / "termed"
+    over = tiny_overrides(rounds=4, **{"checkpoint.keep_last": 3, "clients.total": 4, "clients.per_round": 4,
+                                       "runtime.num_workers": 1, "runtime.warm_start": "false"})
+    cmd = [sys.executable, "-m", "raysim.cli", "run", "configs/quickstart.yaml", *over, "--quiet", "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.is_file() and sum(1 for _ in metrics.open()) >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, err
+    assert "interrupted; resume with --resume" in err and "Traceback" not in err and "SIGABRT" not in err
+    assert len(metrics.read_text().splitlines()) < 5, "the run finished before the signal"
+    assert _run(out, "--resume", "runtime.num_workers=1", "runtime.warm_start=false") == 0
+    assert _records(out) == _records(full)
