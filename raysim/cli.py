@@ -89,6 +89,61 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _check_reachable(address: str) -> None:
+    """A host:port that nothing answers on makes ray.init wait without a word: ask first."""
+    import socket
+
+    from raysim.config import ConfigError
+
+    host, _, port = address.rpartition(":")
+    if "://" in address or not host or not port.isdigit():
+        return  # "auto", ray://...: Ray resolves those itself
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as err:
+        raise ConfigError(
+            f"runtime.ray_address {address}: nothing answers there ({err.strerror or err}); start the cluster's head "
+            "(ray start --head) or correct the address"
+        ) from None
+
+
+def worker_requests(cfg) -> list[dict[str, tuple[str, float]]]:
+    """Per worker group, what one worker asks Ray for: resource -> (config key, amount)."""
+    rt = cfg.runtime
+    out = []
+    if rt.num_workers:
+        need = {"CPU": ("runtime.num_cpus_per_worker", rt.num_cpus_per_worker),
+                "GPU": ("runtime.num_gpus_per_worker", rt.num_gpus_per_worker)}
+        need |= {r: (f"runtime.resources_per_worker.{r}", v) for r, v in rt.resources_per_worker.items()}
+        out.append(need)
+    for i, g in enumerate(rt.worker_groups):
+        key = f"runtime.worker_groups[{i}]"
+        need = {"CPU": (f"{key}.num_cpus", g.num_cpus), "GPU": (f"{key}.num_gpus", g.num_gpus)}
+        out.append(need | {r: (f"{key}.resources.{r}", v) for r, v in g.resources.items()})
+    return out
+
+
+def _check_feasible(cfg, nodes: list[dict[str, float]]) -> None:
+    """On the Ray raysim started here, a worker no node can host would be waited for forever."""
+    from raysim.config import ConfigError
+
+    def most(r: str) -> float:
+        return max((n.get(r, 0.0) for n in nodes), default=0.0)
+
+    problems = []
+    for need in worker_requests(cfg):
+        if any(all(node.get(r, 0.0) >= v for r, (_, v) in need.items() if v) for node in nodes):
+            continue
+        for r, (key, v) in sorted(need.items()):
+            if v and most(r) < v:
+                problems.append(
+                    f"{key}: each worker asks for {r} {v:g}, but this machine has {r} {most(r):g}, so no worker could"
+                    f" ever start; ask for at most {most(r):g}, or run on a cluster that has it (runtime.ray_address)"
+                )
+    if problems:
+        raise ConfigError("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
 def _stop_on_sigterm() -> None:
     """SIGTERM (what Kubernetes and `ray job stop` send) stops like Ctrl-C: cleanly, resumable."""
     if threading.current_thread() is threading.main_thread():
@@ -145,10 +200,17 @@ def _start_ray(cfg, load_engine):
     os.environ.setdefault("RAY_worker_niceness", "0")
     if not ray.is_initialized():
         if rt.ray_address:
+            _check_reachable(rt.ray_address)
             ray.init(address=rt.ray_address, logging_level="ERROR")
         else:
             # address="local": always a new embedded Ray, never a `ray start` cluster found on the machine
             ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
+            try:
+                _check_feasible(cfg, [n["Resources"] for n in ray.nodes() if n.get("Alive")])
+            except Exception:
+                thread.join()
+                ray.shutdown()
+                raise
         _stop_on_sigterm()  # ray.init installs its own, which dumps a stack and aborts
     thread.join()
     if "error" in loaded:

@@ -97,3 +97,35 @@ def test_the_command_runs_exit_handlers_and_flushes_before_skipping_teardown(tmp
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert (proc.returncode, proc.stdout, proc.stderr) == (3, "buffered", "err")
     assert marker.read_text() == "ran"
+
+
+def test_resources_no_node_has_are_refused_instead_of_waited_for(tmp_path):
+    import pytest
+
+    from raysim.cli import _check_feasible, _check_reachable
+    from raysim.config import ConfigError, load_config
+
+    laptop = [{"CPU": 2.0, "memory": 8e9}]
+
+    def refused(*over):
+        cfg = load_config("configs/quickstart.yaml", list(over))
+        with pytest.raises(ConfigError) as err:
+            _check_feasible(cfg, laptop)
+        return str(err.value)
+
+    assert "runtime.num_gpus_per_worker: each worker asks for GPU 0.5, but this machine has GPU 0" in refused(
+        "runtime.num_gpus_per_worker=0.5")
+    assert "runtime.num_cpus_per_worker: each worker asks for CPU 4, but this machine has CPU 2" in refused(
+        "runtime.num_cpus_per_worker=4")
+    group = "runtime.worker_groups=[{name: gpu, families: [default], num_gpus: 1, resources: {a100: 1}}]"
+    text = refused(group)
+    assert "runtime.worker_groups[0].num_gpus" in text and "runtime.worker_groups[0].resources.a100" in text
+    _check_feasible(load_config("configs/quickstart.yaml"), laptop)  # the quickstart fits: no error
+    _check_feasible(load_config("configs/quickstart.yaml", ["runtime.num_gpus_per_worker=0.5"]), [{"CPU": 8.0, "GPU": 1.0}])
+    with pytest.raises(ConfigError, match=r"runtime.ray_address 127.0.0.1:1: nothing answers there"):
+        _check_reachable("127.0.0.1:1")
+    # end to end, in a fresh process (this one's Ray is already up): exit 2 within seconds, not a hang
+    out = tmp_path / "gpu"
+    proc = subprocess.run([*RAYSIM, "run", "configs/quickstart.yaml", "runtime.num_gpus_per_worker=0.5", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "runtime.num_gpus_per_worker" in proc.stderr and "Traceback" not in proc.stderr
