@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from actors.protocol import ConfigProblems, GuardableUpdates, HeterogeneousRanks, LoraAggregation
+from actors.protocol import Algorithm, ConfigProblems, GuardableUpdates, HeterogeneousRanks, LoraAggregation
 from raysim.config import ConfigError, ExperimentConfig
 
 GUARD = "returns client updates shaped like what the clients were sent (GuardableUpdates: client_reference)"
@@ -40,6 +40,11 @@ ROWS: list[tuple[str, Callable[[ExperimentConfig], bool], type, str]] = [
 
 def problems(cfg: ExperimentConfig, algorithm) -> list[str]:
     name = cfg.algorithm.name
+    if not isinstance(algorithm, Algorithm):
+        core = ("init_server", "broadcast", "build_resident", "client_step", "zero", "accumulate", "merge", "finalize",
+                "evaluate")
+        missing = [m for m in core if not callable(getattr(algorithm, m, None))]
+        return [f"algorithm.name: '{name}' is not an algorithm: it lacks {', '.join(missing)} (actors/protocol.py, Algorithm)"]
     out = [
         f"{key}: algorithm '{name}' cannot honour it: that needs an algorithm that {means}; "
         f"remove {key} or choose another algorithm"

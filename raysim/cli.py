@@ -231,6 +231,10 @@ def _run(cfg, args) -> int:
 
     console = Console(stderr=False, quiet=args.quiet)
     rt = cfg.runtime
+    if args.timeline and not Path(args.timeline).resolve().parent.is_dir():  # else found only after the run
+        raise ConfigError(f"--timeline {args.timeline}: its directory does not exist; create it or choose another path")
+    if args.out is not None and not args.out.strip():
+        raise ConfigError("--out is empty; give a directory (or leave --out out: runs/<name>)")
     if args.out and is_url(args.out):
         Mirror(args.out, args.staging).check(rt.num_workers)  # an unusable URL fails before Ray starts
         out = run_dir = args.out

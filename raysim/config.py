@@ -230,7 +230,8 @@ class PrivacyConfig(_Strict):
     # to the sum; epsilon per round from dp-accounting's RDP accountant.
     dp: bool = False
     clip_norm: float = Field(1.0, gt=0)
-    noise_multiplier: Optional[float] = Field(None, ge=0)
+    # > 0: noise 0 would publish epsilon = infinity, i.e. no privacy at all
+    noise_multiplier: Optional[float] = Field(None, gt=0)
     target_epsilon: Optional[float] = Field(None, gt=0, description="calibrate the noise to reach this after all rounds")
     delta: float = Field(1e-5, gt=0, lt=1)
     # SecAgg-style pairwise masking: the driver only sees masked updates and their exact sum.
@@ -267,8 +268,9 @@ class CheckpointConfig(_Strict):
 
 
 class ExperimentConfig(_Strict):
-    name: str = "experiment"
-    seed: int = 0
+    # the default run directory is runs/<name>: one path component, no "..", no "/"
+    name: str = Field("experiment", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+    seed: int = Field(0, ge=0)  # numpy generators take no negative seed
     rounds: int = Field(20, ge=1)
     clients: ClientsConfig = ClientsConfig()
     data: DataConfig = DataConfig()
@@ -315,6 +317,13 @@ class ExperimentConfig(_Strict):
         if special and self.lora.client_ranks:
             problems.append(
                 "robust rules, DP and secure aggregation work on same-shape updates; drop lora.client_ranks"
+            )
+        nb = self.robust.num_byzantine
+        if self.robust.rule == "multi_krum" and nb is not None and nb > self.clients.per_round - 3:
+            problems.append(
+                f"robust.num_byzantine ({nb}): Krum keeps n - f - 2 >= 1 neighbours, so with clients.per_round"
+                f" {self.clients.per_round} it can assume at most {max(0, self.clients.per_round - 3)} Byzantine updates"
+                " per round; lower it or sample more clients"
             )
         if self.privacy.secure_aggregation and self.runtime.warm_start:
             problems.append(
@@ -401,16 +410,25 @@ def config_from_dict(data: Any, source: str = "<dict>") -> ExperimentConfig:
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory; pass a YAML file such as configs/quickstart.yaml")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass a YAML file such as configs/quickstart.yaml")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte {err.start}: {err.object[err.start:err.start + 1]!r}); "
+            "save it as UTF-8"
+        ) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err)
         raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from None
-    if data is not None and not isinstance(data, dict):
+    if data is None:  # an empty file would silently run every built-in default
+        raise ConfigError(f"config file {path} is empty; start from a config such as configs/quickstart.yaml")
+    if not isinstance(data, dict):
         raise ConfigError(f"invalid config {path}: the top level must be a mapping of keys")
     data = apply_overrides(data or {}, overrides or [])
     return config_from_dict(data, str(path))

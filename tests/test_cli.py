@@ -129,3 +129,61 @@ def test_resources_no_node_has_are_refused_instead_of_waited_for(tmp_path):
     proc = subprocess.run([*RAYSIM, "run", "configs/quickstart.yaml", "runtime.num_gpus_per_worker=0.5", "--out", str(out)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "runtime.num_gpus_per_worker" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bad_inputs_exit_2_with_one_message_and_nothing_lost(tmp_path, capsys):
+    """Each row: the exact input, a part of the message, and nothing already there changed."""
+    (tmp_path / "latin1.yaml").write_bytes("name: caf\xe9\n".encode("latin-1"))
+    (tmp_path / "empty.yaml").write_text("")
+    (tmp_path / "a-file").write_text("mine")
+    q = "configs/quickstart.yaml"
+    rows = [
+        ([str(tmp_path / "latin1.yaml")], "is not UTF-8 text"),
+        ([str(tmp_path / "empty.yaml")], "is empty; start from a config such as configs/quickstart.yaml"),
+        ([str(tmp_path)], "is a directory; pass a YAML file"),
+        ([q, "algorithm.name=json:loads"], "'json:loads' is not a class"),
+        ([q, "algorithm.name=json:Missing"], "algorithm module json defines no Missing"),
+        ([q, "algorithm.name=collections:OrderedDict"], "is not an algorithm: it lacks init_server"),
+        ([q, "seed=-1"], "seed: Input should be greater than or equal to 0"),
+        ([q, "privacy.dp=true", "privacy.noise_multiplier=0"], "privacy.noise_multiplier: Input should be greater than 0"),
+        ([q, "robust.rule=multi_krum", "robust.num_byzantine=3", "clients.per_round=4"], "it can assume at most 1"),
+        ([q, "name=../../etc"], "name: String should match pattern"),
+        ([q, "--out", str(tmp_path / "a-file")], "is a file, not a directory"),
+        ([q, "--out", str(tmp_path / "a-file" / "run")], "cannot write there"),
+        ([q, "--out", ""], "--out is empty"),
+        ([q, "--timeline", str(tmp_path / "nowhere" / "t.json"), "--out", str(tmp_path / "t")], "its directory does not exist"),
+    ]
+    for args, message in rows:
+        cmd = ["run", *args[:1], *tiny_overrides(), *args[1:]]
+        if "--out" not in args:
+            cmd += ["--out", str(tmp_path / "never")]
+        assert main(cmd) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (args, err)
+    assert (tmp_path / "a-file").read_text() == "mine"
+    assert not (tmp_path / "never").exists() and not (tmp_path / "t").exists()
+
+
+def test_resume_reads_around_a_damaged_metrics_file(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "configs/quickstart.yaml", *tiny_overrides(rounds=2), "--out", str(out), "--quiet"]) == 0
+    metrics = out / "metrics.jsonl"
+    good = metrics.read_text()
+    # a blank line and a last line cut short (the run killed writing it): resumed, records intact
+    metrics.write_text(good + "\n" + good.splitlines()[-1][:20])
+    assert main(["run", "configs/quickstart.yaml", *tiny_overrides(rounds=3), "--out", str(out), "--resume", "--quiet"]) == 0
+    assert [json.loads(x)["round"] for x in metrics.read_text().splitlines()] == [0, 1, 2, 3]
+    # a line that is not a record in the middle, or a byte that is not UTF-8: exit 2, file unchanged
+    for damaged in (b'{"round": 0}\nnot json\n' + metrics.read_bytes(), metrics.read_bytes() + b"\xff\n"):
+        metrics.write_bytes(damaged)
+        assert main(["run", "configs/quickstart.yaml", *tiny_overrides(rounds=4), "--out", str(out), "--resume"]) == 2
+        err = capsys.readouterr().err
+        assert ("line 2 of" in err or "not UTF-8" in err) and "Traceback" not in err
+        assert metrics.read_bytes() == damaged
+    # a garbled config.yaml of the run: exit 2 naming it, nothing changed
+    metrics.write_text(good)
+    (out / "config.yaml").write_text("rounds: [unclosed\n")
+    assert main(["run", "configs/quickstart.yaml", *tiny_overrides(rounds=4), "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "the run's own" in err and "config.yaml cannot be read" in err and "Traceback" not in err
+    assert (out / "config.yaml").read_text() == "rounds: [unclosed\n" and metrics.read_text() == good

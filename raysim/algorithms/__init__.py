@@ -36,6 +36,8 @@ def options_of(cfg: ExperimentConfig, source: str = "<config>"):
     """The algorithm's validated `algorithm.options` (None if it declares no Options model)."""
     try:
         module = module_of(cfg.algorithm.name)
+        if not isinstance(load(cfg.algorithm.name), type):
+            raise ValueError(f"'{cfg.algorithm.name}' is not a class (an algorithm is a class taking the config)")
     except ValueError as err:
         raise ConfigError(f"invalid config {source}:\n  - algorithm.name: {err}") from None
     model = getattr(module, "Options", None)

@@ -6,9 +6,8 @@ import json
 import time
 from pathlib import Path
 
-import yaml
 
-from raysim.config import ConfigError, ExperimentConfig, config_from_dict, save_config
+from raysim.config import ConfigError, ExperimentConfig, load_config, save_config
 from raysim.run.storage import Mirror, is_url
 
 # Keys that may differ between the original run and its --resume: more rounds, another
@@ -55,7 +54,13 @@ class RunDir:
                 m.prepare_staging()
                 m.download()
             saved = p / "config.yaml"
-            old = config_from_dict(yaml.safe_load(saved.read_text()), str(saved)).to_dict()
+            try:
+                old = load_config(saved).to_dict()
+            except ConfigError as err:
+                raise ConfigError(
+                    f"--resume: the run's own {saved} cannot be read, so the run cannot be checked against it: {err}. "
+                    "Restore that file (its checkpoints are untouched) or start a new run with another --out."
+                ) from None
             new = cfg.to_dict()
             diffs = [d for k in sorted(set(old) - _RESUMABLE_KEYS) for d in _diff(old[k], new.get(k), k + ".")]
             if diffs:
@@ -68,6 +73,8 @@ class RunDir:
             if m is not None:
                 nonempty = bool(m.remote_files())
             else:
+                if p.exists() and not p.is_dir():
+                    raise ConfigError(f"--out {p} is a file, not a directory; choose another --out (nothing was changed)")
                 nonempty = p.exists() and any(p.iterdir())
             if nonempty:
                 raise ConfigError(
@@ -76,8 +83,11 @@ class RunDir:
                 )
             if m is not None:
                 m.prepare_staging()
-        p.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, p / "config.yaml")
+        try:
+            p.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, p / "config.yaml")
+        except OSError as err:  # a parent that is a file, no permission, a full disk
+            raise ConfigError(f"--out {p}: cannot write there ({err.strerror or err}); choose another --out") from None
         self.sync()
         return bool(resume)
 
@@ -90,10 +100,31 @@ class RunDir:
         return time.perf_counter() - t0
 
     def truncate_metrics(self, last_round: int) -> list[dict]:
-        """Keep the records of rounds <= last_round (a resumed run rewrites later ones)."""
+        """Keep the records of rounds <= last_round (a resumed run rewrites later ones).
+        Blank lines are skipped, and a last line cut short (the run was killed writing it)
+        is dropped; any other unreadable line stops the resume before the file is touched."""
         if not self.metrics.is_file():
             return []
-        kept = [r for r in map(json.loads, self.metrics.read_text().splitlines()) if r["round"] <= last_round]
+        try:
+            lines = self.metrics.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as err:
+            raise ConfigError(
+                f"--resume: {self.metrics} is not UTF-8 text (byte {err.start}); repair or remove that byte, "
+                "or start a new run with another --out (nothing was changed)"
+            ) from None
+        records = []
+        numbered = [(i, line) for i, line in enumerate(lines, 1) if line.strip()]
+        for i, line in numbered:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i == numbered[-1][0]:
+                    break  # the write the run was killed in; the checkpoint has what it held
+                raise ConfigError(
+                    f"--resume: line {i} of {self.metrics} is not a JSON record; repair or delete that line, "
+                    "or start a new run with another --out (nothing was changed)"
+                ) from None
+        kept = [r for r in records if r["round"] <= last_round]
         self.metrics.write_text("".join(json.dumps(r) + "\n" for r in kept))
         return kept
 
