@@ -108,11 +108,12 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def write_section(name: str, text: str, results: Path = RESULTS) -> None:
+def write_section(name: str, text: str, results: Path | None = None) -> None:
     """Put `text` between `<!-- BEGIN name -->` and `<!-- END name -->` in docs/results.md
     (appended if the markers are missing). Only that section changes: the rest of the file
     belongs to the other experiments. Read, modify and write at once, so a concurrent writer
     of another section loses nothing unless it writes in the same instant."""
+    results = RESULTS if results is None else results
     begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
     section = begin + "\n" + text.strip("\n") + "\n" + end
     old = results.read_text() if results.is_file() else "# Results\n"
