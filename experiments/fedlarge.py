@@ -214,6 +214,7 @@ def verdict(gain: float, wins: int, n: int) -> str:
 def reading(runs: dict, total: dict, seeds: list[int]) -> str:
     """What the numbers say, computed from them so a re-run cannot contradict the text."""
     acc = {v: [runs[v, s][0][-1]["accuracy"] for s in seeds] for v in VARIANTS}
+    per_seed = [n - c for n, c in zip(acc["none"], acc["clean"])]
     gap = mean(acc["none"]) - mean(acc["clean"])
     gain = mean(acc["filter"]) - mean(acc["none"])
     gain_q = mean(acc["quantile"]) - mean(acc["none"])
@@ -225,7 +226,7 @@ def reading(runs: dict, total: dict, seeds: list[int]) -> str:
     ranks = {s: sorted(r.index(c) + 1 for c in NOISY if c in r) for s in seeds for r in [runs["none", s][1]["ranking"]]}
     text = (
         f"Reading: the noise costs {gap:+.3f} on the mean over {len(seeds)} seeds (clean vs none; per seed "
-        + ", ".join(f"{n - c:+.3f}" for n, c in zip(acc["none"], acc["clean"]))
+        + ", ".join(f"{g:+.3f}" for g in per_seed)
         + "). The filter "
         f"(score < 0, re-scored each round): {gain:+.3f} on the mean vs none, better on {wins} of {len(seeds)} "
         f"seeds -- {verdict(gain, wins, len(seeds))}"
@@ -244,8 +245,8 @@ def reading(runs: dict, total: dict, seeds: list[int]) -> str:
         high = max(runs["none", s][0][-1]["accuracy"] for s in seeds)
         text += (f": the scoring model (zero-shot accuracy {low:.2f}-{high:.2f} over the runs) often cannot tell "
                  "a wrong caption from an image it reads badly; and with the noise itself costing "
-                 f"{gap:+.3f} on the mean (seed-to-seed spread larger than that) there is little for any filter to "
-                 "recover at this scale")
+                 f"{gap:+.3f} on the mean (per seed {min(per_seed):+.3f} to {max(per_seed):+.3f}) there is little for "
+                 "any filter to recover at this scale")
     best = max(("filter", gain), ("weight", gain_w), key=lambda kv: kv[1])
     if best[1] > 0.01:
         text += f". The `{best[0]}` option is the one to use (configs/fedlarge.yaml)"

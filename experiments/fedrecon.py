@@ -135,8 +135,11 @@ def f1_means(results: dict) -> dict:
     return {(p, m): tail_mean(results[p, m], "f1") for p in RATES for m in VARIANTS}
 
 
+RATE_LIST = "/".join(map(str, RATES))
+
+
 def at_rates(values) -> str:
-    return f"{', '.join(values)} at p = {'/'.join(map(str, RATES))}"
+    return f"{', '.join(values)} at p = {RATE_LIST}"
 
 
 def translates_best(results: dict) -> list[float]:
@@ -162,8 +165,8 @@ def claim_check(results: dict, per_digit: dict) -> list[str]:
     lines = ["Checks (macro-F1):", ""]
     for other in ("zero_fill", "no_mapping", "no_frozen_generator"):
         wins = [p for p in RATES if f1[p, "full"] > f1[p, other]]
-        gaps = at_rates(f"{f1[p, 'full'] - f1[p, other]:+.3f}" for p in RATES)
-        lines.append(f"- full > {other} at {len(wins)} of {len(RATES)} missing rates (gaps {gaps})")
+        gaps = ", ".join(f"{f1[p, 'full'] - f1[p, other]:+.3f}" for p in RATES)
+        lines.append(f"- full > {other} at {len(wins)} of {len(RATES)} missing rates (gaps at p = {RATE_LIST}: {gaps})")
     gains = [f1[p, "full"] - f1[p, "zero_fill"] for p in RATES]
     grows = all(b > a for a, b in zip(gains, gains[1:]))
     lines.append(f"- the gain of full over zero_fill {'grows' if grows else 'does not grow'} monotonically with p")
@@ -204,7 +207,7 @@ def reading(results: dict, per_digit: dict, o) -> list[str]:
     else:
         text = (f"Reading the downstream tables: full's generator translates best at {len(best)} of {len(RATES)} "
                 f"missing rates, and full leads zero_fill by more than a point at "
-                f"{sum(f1[p, 'full'] - f1[p, 'zero_fill'] > 0.01 for p in RATES)} of them.")
+                f"{sum(f1[p, 'full'] - f1[p, 'zero_fill'] > 0.01 for p in RATES)} of {len(RATES)}.")
     text += (f" `no_mapping` has no T to train in phase B and keeps training the whole VAE there "
              f"({o.phase_a + o.phase_b} rounds of encoders against {o.phase_a} for the others, the same round budget "
              "by design), which gives every downstream feature -- present or filled -- longer-trained encoders")
