@@ -2,21 +2,25 @@
 generation vs supervised FedAvg of the same linear head, under Dirichlet alpha 0.1 and 1.0,
 same seed. Rewrites only its own section of docs/results.md.
 
-    .venv/bin/python experiments/fst_cbdg.py
+    .venv/bin/python experiments/fst_cbdg.py [--report-only]
 
 Runs in local mode (runtime.num_workers=0): results do not depend on the worker count.
-The runs go one after another in this process, at torch's default thread count.
+The runs go one after another in this process, at torch's default thread count, into run
+directories under runs/fst_cbdg_experiment/; `--report-only` rewrites the section from them.
 """
 from __future__ import annotations
 
+import argparse
+import re
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.common import ROOT, Job, load, run, tail_mean, write_section  # noqa: E402
+from experiments.common import ROOT, Job, finished, load, run, tail_mean, write_section  # noqa: E402
 
 CONFIG = ROOT / "configs" / "fst_cbdg.yaml"
+RUNS = ROOT / "runs" / "fst_cbdg_experiment"
 ROUNDS = 20  # every client is sampled ~4 times, so its pseudo-labels are refreshed ~4 times
 SHOWN_ROUNDS = (1, 5, 10, 20)
 LAST = 5  # single rounds move by ~1 point: compare means over the last LAST rounds
@@ -70,13 +74,19 @@ def zero_shot(history: list[dict]) -> float:
     return history[0]["zero_shot_accuracy"]
 
 
-def measure() -> tuple[dict, list[str]]:
-    """Every run, one after another; its table row as it ends."""
-    jobs = {(a, label): [f"data.alpha={a}", *extra] for a in ALPHAS for label, extra in VARIANTS.items()}
-    jobs |= {("-", label): extra for label, extra in CENTRAL.items()}
+def jobs() -> dict:
+    """(alpha, label) -> the run; each in its own directory under RUNS."""
+    todo = {(a, label): [f"data.alpha={a}", *extra] for a in ALPHAS for label, extra in VARIANTS.items()}
+    todo |= {("-", label): extra for label, extra in CENTRAL.items()}
+    slug = lambda alpha, label: re.sub(r"[^a-z0-9.]+", "_", f"{alpha}-{label}".lower()).strip("_.")  # noqa: E731
+    return {key: Job(CONFIG, (f"rounds={ROUNDS}", *extra), RUNS / slug(*key)) for key, extra in todo.items()}
+
+
+def measure(report_only: bool) -> tuple[dict, list[str]]:
+    """Every run, one after another (or read back from RUNS); its table row as it ends."""
     runs, lines = {}, []
-    for (alpha, label), extra in jobs.items():
-        done = run(Job(CONFIG, (f"rounds={ROUNDS}", *extra)))
+    for (alpha, label), job in jobs().items():
+        done = finished(job) if report_only else run(job)
         runs[alpha, label] = done.history
         lines.append(row(label, alpha, done.history))
         print(lines[-1], f"({done.seconds:.0f}s)", flush=True)
@@ -150,13 +160,16 @@ def reading(runs: dict, n_test: int) -> str:
         f"Reading: FST-CBDG {'beats' if min(gain.values()) > 0 else 'does not beat'} zero-shot, by "
         f"{pts(gain[lo])} (alpha {lo}) and {pts(gain[hi])} (alpha {hi}) points averaged over rounds "
         f"{ROUNDS - LAST + 1}-{ROUNDS} (about {round(n_test * sum(gain.values()) / len(gain))} of the {n_test} test "
-        "images), and class-balanced generation "
-        + ("is what makes it work under skew" if min(gen_lead.values()) > 0.01 else
-           "does not lead its ablation by more than a point at every alpha here")
-        + ": without it the skewed local pseudo-labels drag the head (and, through it, the labels) towards each "
-        "client's majority classes and accuracy "
-        f"{'falls below' if max(nogen_end[a] - zs[a] for a in ALPHAS) < 0 else 'does not fall below'} "
-        f"zero-shot ({nogen_end[lo]:.3f} / {nogen_end[hi]:.3f} at round {ROUNDS}); the ablation at {AT_PREVIOUS} "
+        "images). "
+        + (("Class-balanced generation is what makes it work under skew: without it the skewed local pseudo-labels "
+            "drag the head (and, through it, the labels) towards each client's majority classes and accuracy falls "
+            "below zero-shot") if min(gen_lead.values()) > 0.01 and max(nogen_end[a] - zs[a] for a in ALPHAS) < 0 else
+           (f"Class-balanced generation leads its ablation by {pts(gen_lead[lo])} (alpha {lo}) and "
+            f"{pts(gen_lead[hi])} (alpha {hi}) points (same averages); without it accuracy "
+            + ("falls below" if max(nogen_end[a] - zs[a] for a in ALPHAS) < 0 else
+               "stays at or above" if min(nogen_end[a] - zs[a] for a in ALPHAS) >= 0 else "ends on both sides of")
+            + " zero-shot"))
+        + f" ({nogen_end[lo]:.3f} / {nogen_end[hi]:.3f} at round {ROUNDS}); the ablation at {AT_PREVIOUS} "
         f"{'falls less' if all(prev_end[a] > nogen_end[a] for a in ALPHAS) else 'does not fall less at every alpha'}, "
         f"and FST-CBDG leads it by {pts(lead_prev[lo])} points at alpha {lo} and {pts(lead_prev[hi])} at alpha {hi}",
         "(generation helps most under strong skew, as the paper says)." if lead_prev[lo] > lead_prev[hi] else
@@ -216,6 +229,8 @@ def shares(per_class: list[float]) -> str:
 
 
 if __name__ == "__main__":
-    runs, table = measure()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--report-only", action="store_true", help="rewrite the section from runs/fst_cbdg_experiment")
+    runs, table = measure(parser.parse_args().report_only)
     write_section("fst_cbdg", section(runs, table))
     print("wrote docs/results.md")
