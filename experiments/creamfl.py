@@ -12,8 +12,8 @@ partitions, initial weights and number of rounds:
 
 and checks the paper's claim at our scale: CreamFL beats public-only and each
 ablation on the server's image<->text retrieval. Each run is the engine in local mode
-(one process, no Ray; the same algorithm code and the same numbers as with Ray); two
-runs go at a time on the 2 cores.
+(one process, no Ray; the same algorithm code and the same numbers as with Ray), through
+experiments/common.py; two runs go at a time on the 2 cores.
 
 Writes a table into its own section of docs/results.md (between the
 `<!-- BEGIN creamfl -->` / `<!-- END creamfl -->` markers) and run directories under
@@ -23,18 +23,16 @@ runs/creamfl_experiment/. `--table-only` rebuilds the table from those run direc
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
-import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
+import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments.common import ROOT, Job, finished, load, run_all, tail_mean as mean_of, write_section  # noqa: E402
+
 CONFIG = ROOT / "configs" / "creamfl.yaml"
-RESULTS = ROOT / "docs" / "results.md"
 RUNS = ROOT / "runs" / "creamfl_experiment"
-BEGIN, END = "<!-- BEGIN creamfl -->", "<!-- END creamfl -->"
+AT_ONCE = 2  # runs at a time, one torch thread each
 
 VARIANTS = {
     "creamfl": [],
@@ -52,43 +50,12 @@ RECALLS = ["i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5"]
 LAST = 5  # one round's recall on 359 test pairs is noisy: report the mean of the last LAST rounds
 
 
-def run_one(variant: str, rounds: int, seed: int) -> None:
-    """One engine run in this (worker) process; its records land in RUNS/variant."""
-    import torch
-
-    torch.set_num_threads(1)  # two runs share two cores
-    from raysim.config import load_config
-    from raysim.run.engine import Engine
-
-    overrides = [f"rounds={rounds}", f"seed={seed}", "runtime.num_workers=0", *VARIANTS[variant]]
-    cfg = load_config(CONFIG, overrides)
-    out = RUNS / variant
-    shutil.rmtree(out, ignore_errors=True)  # our own output from an earlier run
-    t0 = time.perf_counter()
-    engine = Engine(cfg, str(out), resume=False)
-    engine.start()
-    while not engine.done():
-        engine.run_round()
-    engine.finish()
-    print(f"{variant}: {time.perf_counter() - t0:.0f}s", flush=True)
-
-
-def load_run(variant: str, rounds: int, seed: int) -> tuple[list[dict], float]:
-    """(metric records, wall seconds) of a finished run, checked to be the one asked for."""
-
-    import yaml
-
-    out = RUNS / variant
-    cfg = yaml.safe_load((out / "config.yaml").read_text())
-    if (cfg["rounds"], cfg["seed"]) != (rounds, seed):
-        raise SystemExit(f"{out} holds a run with rounds={cfg['rounds']}, seed={cfg['seed']}; run without --table-only")
-    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return history, json.loads((out / "summary.json").read_text())["wall_s"]
+def job(variant: str, rounds: int, seed: int) -> Job:
+    return Job(CONFIG, (f"rounds={rounds}", f"seed={seed}", *VARIANTS[variant]), RUNS / variant)
 
 
 def tail_mean(history: list[dict], key: str) -> float:
-    values = [h[key] for h in history if key in h and h["round"] > 0][-LAST:]
-    return sum(values) / len(values)
+    return mean_of(history, key, LAST)
 
 
 def mean_recall(history: list[dict]) -> float:
@@ -122,20 +89,18 @@ def claim_check(results: dict) -> list[str]:
 
 def section(results: dict, seconds: dict, rounds: int, seed: int, wall: float) -> str:
     from raysim.algorithms.creamfl import CreamFL
-    from raysim.config import load_config
     from models.hetero import num_parameters
 
-    cfg = load_config(CONFIG, [f"rounds={rounds}", f"seed={seed}"])
+    cfg = load(CONFIG, [f"rounds={rounds}", f"seed={seed}"])
     alg = CreamFL(cfg)
     o, t = alg.opts, cfg.train
     kinds = {k: alg.kind_of_client.count(k) for k in ("image", "text", "image_text")}
     client_params = sorted({num_parameters(alg.client_model(c)) for c in range(cfg.clients.total)})
     lines = [
-        BEGIN,
         "## CreamFL: contrastive representation ensemble into a larger server",
         "",
         f"Command: `.venv/bin/python experiments/creamfl.py` (configs/creamfl.yaml, {rounds} rounds, seed {seed}, "
-        f"{wall / 60:.1f} min of run time in total, two runs at a time on 2 shared CPU cores).",
+        f"{wall / 60:.1f} min of run time in total, {AT_ONCE} runs at a time on 2 shared CPU cores).",
         f"{cfg.clients.total} clients ({kinds['image']} image-only, {kinds['text']} text-only, "
         f"{kinds['image_text']} image-text; CNN/ViT image and GRU/transformer text towers, "
         f"{client_params[0] / 1e3:.0f}-{client_params[-1] / 1e3:.0f}k parameters), {cfg.clients.per_round} per round, "
@@ -153,23 +118,8 @@ def section(results: dict, seconds: dict, rounds: int, seed: int, wall: float) -
         "Claim (CreamFL beats public-only and each ablation), on mean recall, one seed:",
         "",
         *claim_check(results),
-        END,
     ]
-    return "\n".join(lines) + "\n"
-
-
-def write_section(text: str) -> None:
-    """Replace only our section; everything else in the file belongs to others. Read,
-    modify and write in one go, so a concurrent writer of another section loses nothing
-    unless it writes in the same instant."""
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    old = RESULTS.read_text() if RESULTS.is_file() else "# Results\n"
-    if BEGIN in old and END in old:
-        head, rest = old.split(BEGIN, 1)
-        new = head + text.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text
-    RESULTS.write_text(new)
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -177,19 +127,16 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--table-only", action="store_true", help="rebuild the table from the runs already in runs/")
-    p.add_argument("--variants", nargs="*", default=list(VARIANTS), help="run only these (the table needs all four)")
+    p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS), help="run only these (the table needs all four)")
     args = p.parse_args()
-    t0 = time.perf_counter()
+    jobs = {v: job(v, args.rounds, args.seed) for v in VARIANTS}
     if not args.table_only:
-        with ProcessPoolExecutor(max_workers=2, mp_context=get_context("spawn")) as pool:
-            for f in [pool.submit(run_one, v, args.rounds, args.seed) for v in args.variants]:
-                f.result()
-    results, seconds = {}, {}
-    for v in VARIANTS:
-        results[v], seconds[v] = load_run(v, args.rounds, args.seed)
+        run_all({v: jobs[v] for v in args.variants}, AT_ONCE)
+    runs = {v: finished(j) for v, j in jobs.items()}  # every variant: --variants re-ran only some
+    results, seconds = {v: r.history for v, r in runs.items()}, {v: r.seconds for v, r in runs.items()}
     # Total compute of the four runs (they run two at a time; --table-only has no wall time of its own).
     text = section(results, seconds, args.rounds, args.seed, sum(seconds.values()))
-    write_section(text)
+    write_section("creamfl", text)
     print(text)
 
 

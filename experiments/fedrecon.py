@@ -24,22 +24,23 @@ runs/fedrecon_experiment/.
 from __future__ import annotations
 
 import argparse
-import shutil
+import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments.common import ROOT, Job, final, load, run_all, tail_mean as mean_of, write_section  # noqa: E402
+
 CONFIG = ROOT / "configs" / "fedrecon.yaml"
-RESULTS = ROOT / "docs" / "results.md"
 RUNS = ROOT / "runs" / "fedrecon_experiment"
-BEGIN, END = "<!-- BEGIN fedrecon -->", "<!-- END fedrecon -->"
+AT_ONCE = 2  # runs at a time, one torch thread each
 
 RATES = [0.1, 0.3, 0.5]
 VARIANTS = ["zero_fill", "no_mapping", "no_frozen_generator", "full"]
 GENERATOR_VARIANTS = ["no_mapping", "no_frozen_generator", "full"]  # zero_fill shares full's generator
 EVAL_EVERY = 3  # evaluation is a visible share of a run this small
+RICH = 50  # paired samples of a digit that count as many (per-digit check)
 LAST = 3  # downstream values: mean of the last 3 evaluations (the last 7 rounds of phase C)
 
 
@@ -51,47 +52,29 @@ CENTRAL_OVERRIDES = ["clients.total=1", "clients.per_round=1", "data.partition=i
                      f"algorithm.options.phase_a={CENTRAL_A}", f"algorithm.options.phase_b={CENTRAL_B}"]  # fmt: skip
 
 
-def run_one(rate, variant: str, rounds: int, seed: int) -> tuple:
-    """One engine run in this (worker) process; returns its metric records and, per digit,
-    the final generator's image->caption accuracy (and the federation's paired samples)."""
-    import torch
+def per_digit(engine) -> dict:
+    """Per digit, the final generator's image->caption accuracy, and the federation's paired samples."""
+    alg = engine.algorithm
+    return {"translation": alg.translation_per_digit(engine.state), "pairs": alg.pairs_per_digit()}
 
-    torch.set_num_threads(1)  # two runs share two cores
-    from raysim.config import load_config
-    from raysim.run.engine import Engine
 
+def job(rate, variant: str, rounds: int, seed: int) -> Job:
     central = rate == CENTRAL[0]
-    overrides = [
-        f"rounds={CENTRAL_ROUNDS if central else rounds}",
+    rounds = CENTRAL_ROUNDS if central else rounds
+    overrides = (
+        f"rounds={rounds}",
         f"seed={seed}",
-        "runtime.num_workers=0",
         f"eval.every={EVAL_EVERY}",
-        f"checkpoint.every={CENTRAL_ROUNDS if central else rounds}",
+        f"checkpoint.every={rounds}",
         f"algorithm.options.missing_rate={CENTRAL_RATE if central else rate}",
         f"algorithm.options.variant={variant}",
         *(CENTRAL_OVERRIDES if central else []),
-    ]
-    cfg = load_config(CONFIG, overrides)
-    out = RUNS / f"p{rate}-{variant}"
-    shutil.rmtree(out, ignore_errors=True)  # our own output from an earlier run
-    t0 = time.perf_counter()
-    engine = Engine(cfg, str(out), resume=False)
-    engine.start()
-    while not engine.done():
-        engine.run_round()
-    engine.finish()
-    alg = engine.algorithm
-    per_digit = {"translation": alg.translation_per_digit(engine.state), "pairs": alg.pairs_per_digit()}
-    return rate, variant, engine.history, per_digit, time.perf_counter() - t0
+    )
+    return Job(CONFIG, overrides, RUNS / f"p{rate}-{variant}", per_digit)
 
 
 def tail_mean(history: list[dict], key: str) -> float:
-    evaluated = [h[key] for h in history if key in h and h["round"] > 0]
-    return sum(evaluated[-LAST:]) / len(evaluated[-LAST:])
-
-
-def final(history: list[dict], key: str) -> float:
-    return [h[key] for h in history if key in h][-1]
+    return mean_of(history, key, LAST)
 
 
 def downstream_table(results: dict, key: str, label: str) -> list[str]:
@@ -148,64 +131,127 @@ def per_digit_table(per_digit: dict) -> list[str]:
     return lines + [""]
 
 
+def f1_means(results: dict) -> dict:
+    return {(p, m): tail_mean(results[p, m], "f1") for p in RATES for m in VARIANTS}
+
+
+RATE_LIST = "/".join(map(str, RATES))
+
+
+def at_rates(values) -> str:
+    return f"{', '.join(values)} at p = {RATE_LIST}"
+
+
+def translates_best(results: dict) -> list[float]:
+    """The missing rates at which full's generator translates image->caption best of the three."""
+    acc = {(p, m): final(results[p, m], "xrec_digit_acc") for p in RATES for m in GENERATOR_VARIANTS}
+    return [p for p in RATES if all(acc[p, "full"] > acc[p, m] for m in ("no_mapping", "no_frozen_generator"))]
+
+
+def by_pairs(per_digit: dict) -> tuple[list[float], list[float]]:
+    """full's per-digit translation accuracies (all p), for digits with >= RICH pairs and the rest."""
+    rich, poor = [], []
+    for p in RATES:
+        pd = per_digit[p, "full"]
+        for n, a in zip(pd["pairs"], pd["translation"]):
+            (rich if n >= RICH else poor).append(a)
+    return rich, poor
+
+
 def claim_check(results: dict, per_digit: dict) -> list[str]:
-    f1 = {(p, m): tail_mean(results[p, m], "f1") for p in RATES for m in VARIANTS}
+    from raysim.data import DIGIT_WORDS
+
+    f1 = f1_means(results)
     lines = ["Checks (macro-F1):", ""]
     for other in ("zero_fill", "no_mapping", "no_frozen_generator"):
         wins = [p for p in RATES if f1[p, "full"] > f1[p, other]]
         gaps = ", ".join(f"{f1[p, 'full'] - f1[p, other]:+.3f}" for p in RATES)
-        lines.append(f"- full > {other} at {len(wins)} of {len(RATES)} missing rates (gaps at p = 0.1/0.3/0.5: {gaps})")
+        lines.append(f"- full > {other} at {len(wins)} of {len(RATES)} missing rates (gaps at p = {RATE_LIST}: {gaps})")
     gains = [f1[p, "full"] - f1[p, "zero_fill"] for p in RATES]
     grows = all(b > a for a, b in zip(gains, gains[1:]))
     lines.append(f"- the gain of full over zero_fill {'grows' if grows else 'does not grow'} monotonically with p")
     central = final(results[CENTRAL], "xrec_digit_acc")
     fed = [final(results[p, "full"], "xrec_digit_acc") for p in RATES]
+    chance = 1 / len(DIGIT_WORDS)
+    above = "well above" if min(central, *fed) > 2 * chance else "above" if min(central, *fed) > chance else "not above"
     lines.append(
-        f"- the generator translates image→caption digit well above chance (0.1): centrally {central:.3f}, "
-        f"federated (full) {', '.join(f'{a:.3f}' for a in fed)} at p = 0.1/0.3/0.5"
+        f"- the generator translates image→caption digit {above} chance ({chance:g}): centrally {central:.3f}, "
+        f"federated (full) {at_rates(f'{a:.3f}' for a in fed)}"
     )
-    best = [p for p in RATES if all(final(results[p, "full"], "xrec_digit_acc") > final(results[p, m], "xrec_digit_acc")
-                                    for m in ("no_mapping", "no_frozen_generator"))]  # fmt: skip
-    lines.append(f"- full's generator translates best of the three at {len(best)} of {len(RATES)} missing rates")
-    rich, poor = [], []
-    for p in RATES:
-        pd = per_digit[p, "full"]
-        for n, a in zip(pd["pairs"], pd["translation"]):
-            (rich if n >= 50 else poor).append(a)
+    lines.append(f"- full's generator translates best of the three at {len(translates_best(results))} of {len(RATES)} missing rates")
+    rich, poor = by_pairs(per_digit)
     if rich and poor:
         lines.append(
-            f"- federated translation by paired data per digit (full, all p): digits with >= 50 pairs "
-            f"{sum(rich) / len(rich):.2f} mean accuracy, digits with < 50 pairs {sum(poor) / len(poor):.2f}"
+            f"- federated translation by paired data per digit (full, all p): digits with >= {RICH} pairs "
+            f"{sum(rich) / len(rich):.2f} mean accuracy, digits with < {RICH} pairs {sum(poor) / len(poor):.2f}"
         )
     return lines
 
 
-def section(results: dict, per_digit: dict, rounds: int, seed: int, seconds: float) -> str:
-    from raysim.config import load_config
-    from raysim.data import FederatedData
+def reading(results: dict, per_digit: dict, o) -> list[str]:
+    """What the numbers say, computed from them so a re-run cannot contradict the text."""
+    f1 = f1_means(results)
+    xrec = {(p, m): final(results[p, m], "xrec_digit_acc") for p in RATES for m in GENERATOR_VARIANTS}
+    best = translates_best(results)
+    buys = all(f1[p, "full"] - f1[p, "zero_fill"] > 0.01 for p in RATES)
+    rich, poor = by_pairs(per_digit)
+    lines = []
+    if rich and poor and sum(rich) / len(rich) > sum(poor) / len(poor):
+        lines += ["Translation is better for digits with many paired samples than for those with few (table above): "
+                  "only paired samples teach the cross-modal terms.", ""]
+    if len(best) == len(RATES) and not buys:
+        text = ("Reading the downstream tables: a better generator does not buy a better classifier here. The filled "
+                "modality is a function of the present one, so it adds no information the classifier could not "
+                "extract itself; it helps only where translation is more reliable than the classifier's own reading "
+                "of the image, and translation is wrong for the digits with few pairs.")
+    else:
+        text = (f"Reading the downstream tables: full's generator translates best at {len(best)} of {len(RATES)} "
+                f"missing rates, and full leads zero_fill by more than a point at "
+                f"{sum(f1[p, 'full'] - f1[p, 'zero_fill'] > 0.01 for p in RATES)} of {len(RATES)}.")
+    text += (f" `no_mapping` has no T to train in phase B and keeps training the whole VAE there "
+             f"({o.phase_a + o.phase_b} rounds of encoders against {o.phase_a} for the others, the same round budget "
+             "by design), which gives every downstream feature -- present or filled -- longer-trained encoders")
+    if all(f1[p, "no_mapping"] > f1[p, "full"] for p in RATES):
+        text += ("; its generator translates worse than full's at every rate, so its downstream lead most likely "
+                 "comes from the encoders rather than from filling" if all(xrec[p, "no_mapping"] < xrec[p, "full"]
+                                                                       for p in RATES) else
+                 "; it leads full downstream at every rate, from the encoders or from filling")
+        text += " (not separated here: that would need a zero-filled run on no_mapping's encoders)."
+    else:
+        text += "; it does not lead full downstream at every rate."
+    close = ("full", "zero_fill", "no_frozen_generator")
+    widest = max(abs(f1[p, a] - f1[p, b]) for p in RATES for a in close for b in close)
+    text += (f" Everything here is one seed; the {' / '.join(close)} gaps ({widest:.3f} or less) are not shown to "
+             "exceed seed-to-seed variation.")
+    return lines + [text]
 
-    cfg = load_config(CONFIG, [f"rounds={rounds}", f"seed={seed}"])
-    o, t = cfg.algorithm.options, cfg.train
+
+def section(results: dict, per_digit: dict, rounds: int, seed: int, seconds: float) -> str:
+    from raysim.algorithms import options_of
+    from raysim.data import CAPTION_TEMPLATES, FederatedData
+
+    cfg = load(CONFIG, [f"rounds={rounds}", f"seed={seed}"])
+    o, t = options_of(cfg), cfg.train
     data = FederatedData(cfg)
-    phase_c = rounds - o["phase_a"] - o["phase_b"]
+    phase_c = rounds - o.phase_a - o.phase_b
+    templates = len(CAPTION_TEMPLATES)
     lines = [
-        BEGIN,
         "## FedRecon: reconstructing missing modalities with a federated MVAE",
         "",
         "Command: `.venv/bin/python experiments/fedrecon.py` "
         f"(configs/fedrecon.yaml, {rounds} rounds, seed {seed}, {seconds / 60:.1f} min on 2 shared CPU cores).",
         f"{cfg.clients.total} clients, {cfg.clients.per_round} per round, Dirichlet({cfg.data.alpha}) label skew over "
         f"{sum(data.client_sizes())} training pairs of the embedded digits; client holder types "
-        f"{o['modality_mix']}; a sample of a 'both' client misses one modality with probability p. "
-        f"Phases: A {o['phase_a']} rounds (joint VAE), B {o['phase_b']} (mapping networks), C {phase_c} (classifier). "
-        f"MVAE on the 8x8 grey digit and the caption's token ids, latent {o['latent_dim']}, beta {o['beta']}; "
+        f"{o.modality_mix}; a sample of a 'both' client misses one modality with probability p. "
+        f"Phases: A {o.phase_a} rounds (joint VAE), B {o.phase_b} (mapping networks), C {phase_c} (classifier). "
+        f"MVAE on the 8x8 grey digit and the caption's token ids, latent {o.latent_dim}, beta {o.beta}; "
         f"{t.local_epochs} local epochs of AdamW (lr {t.lr}, batch {t.batch_size}) per round, restricted softmax "
-        f"(penalty {o['restrict_penalty']}) on caption tokens and classes a client holds none of; T residual "
+        f"(penalty {o.restrict_penalty}) on caption tokens and classes a client holds none of; T residual "
         "(identity at the start); the classifier also sees which modality was observed. "
         f"Test: {len(data.test)} samples missing modalities the same way (holder type from the mix, then p), "
         "filled as the variant fills them. `f1_filled`: the test samples with a filled modality only. "
-        "i2t retrieval cannot exceed about 0.2 (the caption's template, one of 5, cannot be read from an image); "
-        "t2i is lower still (a caption names only the digit).",
+        f"i2t retrieval cannot exceed about {1 / templates:.1f} (the caption's template, one of {templates}, cannot "
+        "be read from an image); t2i is lower still (a caption names only the digit).",
         "",
     ]
     lines += downstream_table(results, "f1", "Downstream macro-F1")
@@ -223,43 +269,8 @@ def section(results: dict, per_digit: dict, rounds: int, seed: int, seconds: flo
         "",
     ]
     lines += claim_check(results, per_digit)
-    lines += [
-        "",
-        "Why the first version never translated (img→caption digit accuracy 0.000 for `full`): not the model -- "
-        "centrally it translated -- but local training under Dirichlet 0.1. A client holds one to four digits; "
-        "with 3 local epochs of 16 and a fresh AdamW, each client's decoders learned to name their own digits "
-        "from biases (0.25 test accuracy per client after a round) and pushed every other digit word down at "
-        "full Adam step size, so the averaged decoder named no digit at all; beta 0.1 let the image posterior "
-        "drown in noise (variance ~0.5). Fixes: many short rounds (phase A 12 -> 35 rounds, ~5 local steps), "
-        "the restricted softmax, beta 0.01, a residual T. What remains is data: translation is good for digits "
-        "with many paired samples and near zero for those with few (table above), since only paired samples "
-        "teach the cross-modal terms.",
-        "",
-        "Reading the downstream tables: a better generator does not buy a better classifier here. The filled "
-        "modality is a function of the present one, so it adds no information the classifier could not extract "
-        "itself; it helps only where translation is more reliable than the classifier's own reading of the "
-        "image, and translation is wrong for the digits with few pairs. `no_mapping` has no T to train in "
-        "phase B and keeps training the whole VAE there (45 rounds of encoders against 35 for the others, the "
-        "same round budget by design), which gives every downstream feature -- present or filled -- longer-"
-        "trained encoders; its generator translates worse than full's, so its downstream lead most likely "
-        "comes from the encoders rather than from filling (not separated here: that would need a zero-filled "
-        "run on no_mapping's encoders). Everything here is one seed; the full / zero_fill / "
-        "no_frozen_generator gaps (0.02 or less) are not shown to exceed seed-to-seed variation.",
-    ]
-    lines.append(END)
-    return "\n".join(lines) + "\n"
-
-
-def write_section(text: str) -> None:
-    """Replace only our section; everything else in the file belongs to others."""
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    old = RESULTS.read_text() if RESULTS.is_file() else "# Results\n"
-    if BEGIN in old and END in old:
-        head, rest = old.split(BEGIN, 1)
-        new = head + text.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text
-    RESULTS.write_text(new)
+    lines += ["", *reading(results, per_digit, o)]
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -270,28 +281,24 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     args = p.parse_args()
     if args.rounds is None:
-        from raysim.config import load_config
-
-        args.rounds = load_config(CONFIG, []).rounds
+        args.rounds = load(CONFIG, []).rounds
     t0 = time.perf_counter()
-    results, per_digit = {}, {}
     full_run = (args.rates, args.variants) == (RATES, VARIANTS)
-    runs = [(rate, v) for rate in args.rates for v in args.variants] + ([CENTRAL] if full_run else [])
-    with ProcessPoolExecutor(max_workers=2, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(run_one, rate, v, args.rounds, args.seed) for rate, v in runs]
-        for f in futures:
-            rate, variant, history, digits, seconds = f.result()
-            results[rate, variant], per_digit[rate, variant] = history, digits
-            shown = {k: round(tail_mean(history, k), 3) for k in ("f1", "f1_filled", "accuracy")}
-            shown |= {k: round(final(history, k), 3) for k in ("xrec_digit_acc", "i2t_top1", "t2i_top5")}
-            print(f"p={rate} {variant}: {seconds:.0f}s", shown, flush=True)
-            print("   translation per digit", [round(a, 2) for a in digits["translation"]], "pairs", digits["pairs"], flush=True)
+    keys = [(rate, v) for rate in args.rates for v in args.variants] + ([CENTRAL] if full_run else [])
+    runs = run_all({key: job(*key, args.rounds, args.seed) for key in keys}, AT_ONCE, progress)
     if not full_run:
         return  # a partial run: the tables need every rate and variant
+    results, per_digit = {k: r.history for k, r in runs.items()}, {k: r.probed for k, r in runs.items()}
     text = section(results, per_digit, args.rounds, args.seed, time.perf_counter() - t0)
-    write_section(text)
+    write_section("fedrecon", text)
     print(text)
 
+
+def progress(run) -> str:
+    shown = {k: round(tail_mean(run.history, k), 3) for k in ("f1", "f1_filled", "accuracy")}
+    shown |= {k: round(final(run.history, k), 3) for k in ("xrec_digit_acc", "i2t_top1", "t2i_top5")}
+    digits = run.probed
+    return f"{shown}\n   translation per digit {[round(a, 2) for a in digits['translation']]} pairs {digits['pairs']}"
 
 if __name__ == "__main__":
     main()

@@ -12,7 +12,8 @@ task layouts of the same 12 clients:
 Swapping the client counts of classify and regress separates "few clients" from "which
 task": if sharing helps most where clients are few, the M-Fed gain over task_fedavg of
 a task should be larger in the layout where that task has 2 clients. Each run is the
-engine in local mode (one process, no Ray); two runs go at a time on the 2 cores.
+engine in local mode (one process, no Ray), through experiments/common.py; two runs go
+at a time on the 2 cores.
 
 Writes a per-task table into its own section of docs/results.md (between the
 `<!-- BEGIN mfed -->` / `<!-- END mfed -->` markers) and run directories under runs/mfed_experiment/.
@@ -20,18 +21,16 @@ Writes a per-task table into its own section of docs/results.md (between the
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
-import time
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
+import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments.common import ROOT, Job, finished, load, run_all, tail_mean, write_section  # noqa: E402
+
 CONFIG = ROOT / "configs" / "mfed.yaml"
-RESULTS = ROOT / "docs" / "results.md"
 RUNS = ROOT / "runs" / "mfed_experiment"
-BEGIN, END = "<!-- BEGIN mfed -->", "<!-- END mfed -->"
+AT_ONCE = 2  # runs at a time, one torch thread each
 
 LAYOUTS = {
     "A": {"classify": 6, "regress": 2, "denoise": 4},
@@ -42,38 +41,14 @@ METRICS = {"classify": ("classify_accuracy", "accuracy"), "regress": ("regress_r
 LAST = 3  # report the mean of the last LAST evaluated rounds: one round is noisy with 2 clients
 
 
-def run_one(layout: str, mode: str, rounds: int, seed: int) -> tuple[str, str, list[dict], float]:
-    """One engine run in this (worker) process; returns its metric records."""
-    import torch
-
-    torch.set_num_threads(1)  # two runs share two cores
-    from raysim.config import load_config
-    from raysim.run.engine import Engine
-
+def job(layout: str, mode: str, rounds: int, seed: int) -> Job:
     tasks = "{" + ", ".join(f"{t}: {n}" for t, n in LAYOUTS[layout].items()) + "}"
-    overrides = [
-        f"rounds={rounds}",
-        f"seed={seed}",
-        "runtime.num_workers=0",
-        f"algorithm.options.mode={mode}",
-        f"algorithm.options.tasks={tasks}",
-    ]
-    cfg = load_config(CONFIG, overrides)
-    out = RUNS / f"{layout}-{mode}"
-    shutil.rmtree(out, ignore_errors=True)  # our own output from an earlier run
-    t0 = time.perf_counter()
-    engine = Engine(cfg, str(out), resume=False)
-    engine.start()
-    while not engine.done():
-        engine.run_round()
-    engine.finish()
-    return layout, mode, engine.history, time.perf_counter() - t0
+    overrides = (f"rounds={rounds}", f"seed={seed}", f"algorithm.options.mode={mode}", f"algorithm.options.tasks={tasks}")
+    return Job(CONFIG, overrides, RUNS / f"{layout}-{mode}")
 
 
 def final(history: list[dict], key: str) -> float:
-    evaluated = [h[key] for h in history if key in h and h["round"] > 0]
-    tail = evaluated[-LAST:]
-    return sum(tail) / len(tail)
+    return tail_mean(history, key, LAST)
 
 
 def fmt(value: float, key: str) -> str:
@@ -128,25 +103,24 @@ def claim_check(results: dict) -> list[str]:
 
 
 def section(results: dict, rounds: int, seed: int, run_seconds: list[float]) -> str:
-    from raysim.config import load_config
+    from raysim.algorithms import options_of
     from raysim.data import FederatedData
 
-    cfg = load_config(CONFIG, [f"rounds={rounds}", f"seed={seed}"])
-    o, t = cfg.algorithm.options, cfg.train
+    cfg = load(CONFIG, [f"rounds={rounds}", f"seed={seed}"])
+    o, t = options_of(cfg), cfg.train
     data = FederatedData(cfg)
     lines = [
-        BEGIN,
         "## M-Fed: multi-task FL through a shared encoder",
         "",
         "Command: `.venv/bin/python experiments/mfed.py` "
         f"(configs/mfed.yaml, {rounds} rounds, seed {seed}; {len(run_seconds)} runs of "
-        f"{min(run_seconds):.0f}-{max(run_seconds):.0f} s each, two at a time, on 2 shared CPU cores).",
+        f"{min(run_seconds):.0f}-{max(run_seconds):.0f} s each, {AT_ONCE} at a time, on 2 shared CPU cores).",
         f"{cfg.clients.total} clients, all in every round, Dirichlet({cfg.data.alpha}) label skew over "
         f"{sum(data.client_sizes())} training images of the embedded digits; small CNN encoder "
         f"({cfg.model.hidden_size}-d features), {t.local_epochs} local epochs of AdamW (lr {t.lr}, batch {t.batch_size}); "
-        f"M-Fed: {o.get('pull_space', 'parameter')}-space decoder pull {o.get('decoder_pull')}, clients keep their own "
-        f"decoders. Values are the mean of the last {LAST} rounds on the {len(data.test)}-image test split "
-        f"(denoising: fixed Gaussian noise, std {o.get('noise_std')}). `local`: mean over clients of their own model; "
+        f"M-Fed: {o.pull_space}-space decoder pull {o.decoder_pull}, clients "
+        f"{'keep their own decoders' if o.local_decoder else 'start every round from the global decoder'}. Values are the mean of the last {LAST} rounds on the {len(data.test)}-image test split "
+        f"(denoising: fixed Gaussian noise, std {o.noise_std}). `local`: mean over clients of their own model; "
         "`task_fedavg` and `M-Fed`: the global encoder with the task's global decoder; "
         "last column: mean over M-Fed clients of their own model after local training.",
         "",
@@ -154,43 +128,7 @@ def section(results: dict, rounds: int, seed: int, run_seconds: list[float]) -> 
     for layout in LAYOUTS:
         lines += table(layout, results)
     lines += claim_check(results)
-    lines.append(END)
-    return "\n".join(lines) + "\n"
-
-
-def write_section(text: str) -> None:
-    """Replace only our section; everything else in the file belongs to others."""
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    old = RESULTS.read_text() if RESULTS.is_file() else "# Results\n"
-    if BEGIN in old and END in old:
-        head, rest = old.split(BEGIN, 1)
-        new = head + text.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text
-    RESULTS.write_text(new)
-
-
-def load_runs() -> tuple[dict, list[float]]:
-    """The histories and run times of the run directories an earlier invocation wrote."""
-    results, seconds = {}, []
-    for lay in LAYOUTS:
-        for mode in MODES:
-            run = RUNS / f"{lay}-{mode}"
-            results[lay, mode] = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-            seconds.append(json.loads((run / "summary.json").read_text())["wall_s"])
-    return results, seconds
-
-
-def run_all(rounds: int, seed: int) -> tuple[dict, list[float]]:
-    results, seconds = {}, []
-    with ProcessPoolExecutor(max_workers=2, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(run_one, lay, mode, rounds, seed) for lay in LAYOUTS for mode in MODES]
-        for f in futures:
-            layout, mode, history, secs = f.result()
-            results[layout, mode] = history
-            seconds.append(secs)
-            print(f"{layout}-{mode}: {secs:.0f}s", {k: round(final(history, k), 3) for k, _ in METRICS.values()}, flush=True)
-    return results, seconds
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -199,9 +137,14 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--report-only", action="store_true", help="rebuild the table from runs/mfed_experiment")
     args = p.parse_args()
-    results, seconds = load_runs() if args.report_only else run_all(args.rounds, args.seed)
-    text = section(results, args.rounds, args.seed, seconds)
-    write_section(text)
+    jobs = {(lay, mode): job(lay, mode, args.rounds, args.seed) for lay in LAYOUTS for mode in MODES}
+    if args.report_only:
+        runs = {key: finished(j) for key, j in jobs.items()}
+    else:
+        runs = run_all(jobs, AT_ONCE, lambda r: {k: round(final(r.history, k), 3) for k, _ in METRICS.values()})
+    results = {key: r.history for key, r in runs.items()}
+    text = section(results, args.rounds, args.seed, [r.seconds for r in runs.values()])
+    write_section("mfed", text)
     print(text)
 
 
