@@ -95,7 +95,8 @@ def drops(variant: str, rounds: int, seed: int) -> dict:
     import torch
     from safetensors.torch import load_file
 
-    from raysim.algorithms.fedlarge import FedLarge, quality_weights
+    from raysim.algorithms.fedlarge import FedLarge
+    from raysim.lora.quality import quality_weights
     from raysim.config import load_config
 
     algo = FedLarge(load_config(CONFIG, overrides(variant, rounds, seed)))
@@ -109,7 +110,7 @@ def drops(variant: str, rounds: int, seed: int) -> dict:
             if "quality/scores" not in state or int(state["quality/round"]) in seen:
                 continue
             seen.add(int(state["quality/round"]))
-            w = quality_weights(state["quality/scores"], algo.opts)
+            w = quality_weights(state["quality/scores"], algo.lora.quality)
             out["weight_mismatched"] += float(w[bad].sum())
             out["weight_clean"] += float(w[~bad].sum())
             drop = w == 0
