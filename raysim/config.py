@@ -108,7 +108,7 @@ class LoraBackendConfig(_Strict):
             problems.append("lora.backend.offload needs ZeRO (zero_stage 1-3): stage 0 has no optimizer partition to offload")
         if self.offload == "optimizer_and_params" and self.zero_stage != 3:
             problems.append("lora.backend.offload 'optimizer_and_params' needs zero_stage 3 (only ZeRO-3 partitions weights)")
-        if self.world_size == 1 and ("rank_num_cpus" in self.model_fields_set or "rank_num_gpus" in self.model_fields_set):
+        if self.world_size == 1 and (self.rank_num_cpus != 1.0 or self.rank_num_gpus != 0):
             problems.append("lora.backend.rank_num_cpus / rank_num_gpus size the rank actors of world_size > 1; "
                             "with world_size 1 the client trains in its worker: drop them or raise world_size")
         if problems:

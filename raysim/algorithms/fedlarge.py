@@ -57,13 +57,12 @@ class Options(BaseModel):
 
 def settings(cfg: ExperimentConfig, o: Options) -> ExperimentConfig:
     """`cfg` with fedlarge's options as the lora: settings and faults.caption_noise."""
-    ranks = {"rank_num_cpus": o.rank_num_cpus, "rank_num_gpus": o.rank_num_gpus} if o.world_size > 1 else {}
     lora = {
         "base": "minilm" if o.base == "minilm" else "model",
         **({"minilm": o.minilm.model_dump()} if o.base == "minilm" else {}),
         "loss": "model_logits",  # fedlarge has always trained on the model's own logits
         "backend": {"name": o.backend, "zero_stage": o.zero_stage, "offload": o.offload, "world_size": o.world_size,
-                    **ranks},
+                    "rank_num_cpus": o.rank_num_cpus, "rank_num_gpus": o.rank_num_gpus},
         "precision": o.precision,
         "gradient_checkpointing": o.gradient_checkpointing,
         "lock_text_tower": o.lock_text_tower and o.base == "minilm",
