@@ -9,7 +9,7 @@ merges partials in worker order, results never depend on timing.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol, runtime_checkable
+from typing import Any, Callable, Mapping, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -61,6 +61,7 @@ class ClientContext:
     data: Any
     resident: Any  # the worker's resident objects (frozen base model, ...), built once
     state: dict[str, Any]
+    group: Any = None  # the rank group the worker built from the algorithm's RankGroupSpec (RankGroups)
 
 
 @runtime_checkable
@@ -132,6 +133,39 @@ class HeterogeneousRanks(Protocol):
 
 
 @runtime_checkable
+class LoraFineTuning(Protocol):
+    """Clients fine-tune LoRA adapters on raysim's one LoRA path (raysim/lora/), which reads
+    the `lora:` settings beyond the adapter's shape (lora.base, lora.backend, lora.quality,
+    lora.contribution, lora.lock_text_tower, ...) and faults.caption_noise. Without it,
+    setting those keys is a config error."""
+
+    def lora_settings(self) -> Any: ...
+
+
+@dataclass(frozen=True)
+class RankGroupSpec:
+    """A group of `world_size` processes that train one client together (one
+    torch.distributed world): the worker starts them (actors/rank_group.py, one placement
+    group of `num_cpus`/`num_gpus` bundles) and each rank builds `factory(rank, world_size)`."""
+
+    factory: Callable[[int, int], Any]
+    world_size: int
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    torch_threads: int = 1
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+@runtime_checkable
+class RankGroups(Protocol):
+    """A client's local training spread over several ranks. The worker builds the group once
+    (and again if a failed rank closed it) and passes it to client_step as `ctx.group`.
+    Without it, or when it returns None: `ctx.group` is None."""
+
+    def rank_group(self) -> RankGroupSpec | None: ...
+
+
+@runtime_checkable
 class ClientCosts(Protocol):
     """Relative work of one client step, for `runtime.assignment: balanced`. Without it:
     every client costs the same."""
@@ -191,6 +225,10 @@ def bytes_down(algorithm: Any, msg: Broadcast, client_id: int) -> int:
     if isinstance(algorithm, DownloadSize):
         return algorithm.bytes_down(msg, client_id)
     return tensors_nbytes(msg.tensors)
+
+
+def rank_group_spec(algorithm: Any) -> RankGroupSpec | None:
+    return algorithm.rank_group() if isinstance(algorithm, RankGroups) else None
 
 
 def client_cost(algorithm: Any, client_id: int) -> float:

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import torch
 
-from actors.protocol import ClientContext, bytes_down, tensors_nbytes
+from actors.protocol import ClientContext, bytes_down, rank_group_spec, tensors_nbytes
 from actors.state_store import ClientStateStore
 
 
@@ -50,6 +50,7 @@ class ClientWorker:
         self.seed_fn = seed_fn
         self.store = ClientStateStore(state_root, state_memory_bytes, keep_versions)
         self.resident = None
+        self.group = None  # the rank group of the algorithm's RankGroupSpec, started on first use
 
     def ready(self) -> int:
         """Build the resident model now, so the first round does not pay for it."""
@@ -58,9 +59,27 @@ class ClientWorker:
         return os.getpid()
 
     def close(self) -> None:
-        """Drop the model and restore the thread count (a worker inside the driver's process)."""
+        """Drop the model and the rank group and restore the thread count (a worker inside
+        the driver's process)."""
         self.resident = None
+        if self.group is not None:
+            self.group.close()
+            self.group = None
         torch.set_num_threads(self.threads_before)
+
+    def rank_group(self):
+        """The ranks that train this worker's clients together (the algorithm's RankGroupSpec),
+        kept for every client it serves; a group closed by a failed rank is replaced. None
+        when the algorithm declares none."""
+        spec = rank_group_spec(self.algorithm)
+        if spec is None:
+            return None
+        if self.group is None or self.group.closed:
+            from actors.rank_group import RankGroup  # imports Ray: only where a group is asked for
+
+            self.group = RankGroup(spec.factory, spec.world_size, spec.num_cpus, spec.num_gpus, spec.torch_threads,
+                                   dict(spec.env))
+        return self.group
 
     def run(self, msg, client_ids: list[int], versions: dict[int, int], forget: list[int] = ()) -> Partial:
         """Run the clients (each from its state of round `versions[cid]`) and fold them.
@@ -72,7 +91,8 @@ class ClientWorker:
         part = Partial(self.index, self.algorithm.zero(msg), client_ids=sorted(client_ids))
         for cid in sorted(client_ids):
             state = dict(self.store.get(cid, versions.get(cid, 0)))
-            ctx = ClientContext(cid, msg.round, self.seed_fn(msg.round, cid), None, self.resident, state)
+            ctx = ClientContext(cid, msg.round, self.seed_fn(msg.round, cid), None, self.resident, state,
+                                self.rank_group())
             result = self.algorithm.client_step(ctx, msg)
             part.acc = self.algorithm.accumulate(part.acc, result)
             part.client_metrics[cid] = dict(result.metrics)

@@ -204,7 +204,7 @@ PROSE = """## How each side is built
   "after imports" means the same on both sides.
 - **ideal** (`benchmarks/ideal.py`): one process, no Ray. The base model is built once with raysim's
   own `build_resident`; the loop samples with `sample_clients`, seeds each client with `derive_seed`,
-  trains with `vlm_lora.local_train` (each client's optimizer moments kept in a dict across rounds),
+  trains with the algorithm's own `client_step` on the LoRA path (each client's optimizer moments kept in a dict across rounds),
   folds with raysim's weighted-sum fold, evaluates at round 0 and the end. torch gets both cores
   (`--threads`, 2 unless the run says otherwise).
 - **Flower** (`benchmarks/flower_app.py`, flwr 1.41 with ray 2.55.1 in `benchmarks/.flower-venv`):

@@ -7,11 +7,11 @@ ray), reusing raysim's data, model and training code, which is installed there -
     benchmarks/.flower-venv/bin/python benchmarks/flower_app.py configs/quickstart.yaml \
         clients.total=100 rounds=5 eval.every=1000 --json /tmp/flower.json
 
-What is the same as raysim: the pre-trained base and LoRA (`vlm_lora.build_resident`),
-data and Dirichlet partition (`FederatedData`, partition id = raysim client id), client
-sampling (`sample_clients`, through a small FedAvg override that picks the nodes whose
-partition ids raysim samples), per-client seeds (`derive_seed`), local steps
-(`vlm_lora.local_train`), each client's optimizer moments kept across rounds (in the
+What is the same as raysim: the pre-trained base and LoRA (the algorithm's `build_resident`
+on the one LoRA path, raysim/lora/), data and Dirichlet partition (partition id = raysim
+client id), client sampling (`sample_clients`, through a small FedAvg override that picks
+the nodes whose partition ids raysim samples), per-client seeds (`derive_seed`), local
+steps (the algorithm's `client_step`), each client's optimizer moments kept across rounds (in the
 node's `context.state`, Flower's way to keep client state), sample-weighted averaging
 (Flower's FedAvg), and central evaluation on the server at round 0 and at the last round
 (plus every `eval.every` rounds, as raysim's engine does).
@@ -21,11 +21,10 @@ call (as Flower's examples do), the data set object is cached per process (as Fl
 examples cache their FederatedDataset), messages carry the adapter as an ArrayRecord.
 2 CPUs for the simulation, 1 CPU (and 1 torch thread) per ClientApp: 2 at a time.
 
-With `algorithm.name: fedlarge` (configs/fedlarge.yaml, workload c2) the ClientApp runs
-FedLarge's own client step instead, on a model built per call by `FedLarge.build_resident`
-(the MiniLM dual encoder loaded with from_pretrained from its local directory, plus LoRA);
-the FedLarge object (settings, tokenizer, tokenized data set) is what is cached per
-process. The server starts from `FedLarge.init_server` and evaluates with `FedLarge.evaluate`.
+The algorithm object (settings, tokenizer, tokenized data set) is what is cached per
+process; with `algorithm.name: fedlarge` (configs/fedlarge.yaml, workload c2) its model
+is the MiniLM dual encoder, loaded with from_pretrained from its local directory. The
+server starts from the algorithm's `init_server` and evaluates with its `evaluate`.
 """
 from __future__ import annotations
 
@@ -52,9 +51,9 @@ from flwr.serverapp.strategy import FedAvg  # noqa: E402
 from flwr.simulation import run_simulation  # noqa: E402
 
 from actors.protocol import Broadcast, ClientContext  # noqa: E402
-from raysim import vlm_lora  # noqa: E402
+from raysim import algorithms  # noqa: E402
 from raysim.config import config_from_dict, load_config  # noqa: E402
-from raysim.data import FederatedData  # noqa: E402
+from raysim.lora.adapters import l2_norm  # noqa: E402
 from raysim.run.memory import PeakMemorySampler  # noqa: E402
 from raysim.run.seeding import derive_seed, sample_clients  # noqa: E402
 
@@ -62,25 +61,17 @@ T_IMPORTED = time.perf_counter()
 
 # ------------------------------------------------------------------------------ ClientApp
 
-_DATA: dict[str, object] = {}  # per-process cache of the data set (as Flower examples cache fds)
+_ALGORITHMS: dict[str, object] = {}  # per-process cache of the algorithm and its data set (as Flower examples cache fds)
 
 
-def _config_and_data(cfg_json: str):
-    if cfg_json not in _DATA:
+def _algorithm(cfg_json: str):
+    """The algorithm's settings with its tokenizer and tokenized data set, cached per process."""
+    if cfg_json not in _ALGORITHMS:
         cfg = config_from_dict(json.loads(cfg_json))
-        _DATA[cfg_json] = (cfg, FederatedData(cfg))
-    return _DATA[cfg_json]
-
-
-def _fedlarge(cfg_json: str):
-    """FedLarge's settings with its tokenizer and tokenized data set, cached per process."""
-    if cfg_json not in _DATA:
-        from raysim.algorithms.fedlarge import FedLarge
-
-        algo = _DATA[cfg_json] = FedLarge(config_from_dict(json.loads(cfg_json)))
-        if algo.opts.quality != "none":  # its scores would need to persist in context.state too
-            raise ValueError("the Flower benchmark runs fedlarge with algorithm.options.quality=none")
-    return _DATA[cfg_json]
+        algo = _ALGORITHMS[cfg_json] = algorithms.load(cfg.algorithm.name)(cfg)
+        if algo.lora.quality.mode != "none":  # its scores would need to persist in context.state too
+            raise ValueError("the Flower benchmark runs without data-quality scoring (quality none)")
+    return _ALGORITHMS[cfg_json]
 
 
 def _load_moments(context: Context) -> dict:
@@ -94,19 +85,8 @@ def _save_moments(context: Context, client_state: dict) -> None:
         context.state["optimizer"] = ArrayRecord(client_state["optimizer"])
 
 
-def _train_vlm_lora(cfg_json: str, cid: int, rnd: int, arrays: dict, context: Context):
-    cfg, data = _config_and_data(cfg_json)
-    # The model is built inside the client function, on every call (Flower's examples).
-    resident = vlm_lora.build_resident(cfg, data)
-    start = vlm_lora.for_client(arrays, vlm_lora.client_rank(cfg, cid), vlm_lora.max_rank(cfg))
-    client_state = _load_moments(context)
-    tensors, metrics = vlm_lora.local_train(resident, cfg, cid, derive_seed(cfg.seed, rnd, cid), start, client_state)
-    _save_moments(context, client_state)
-    return tensors, metrics["train_loss"], len(data.client_partition[cid])
-
-
-def _train_fedlarge(cfg_json: str, cid: int, rnd: int, arrays: dict, context: Context):
-    algo = _fedlarge(cfg_json)
+def _train(cfg_json: str, cid: int, rnd: int, arrays: dict, context: Context):
+    algo = _algorithm(cfg_json)
     # The model is built inside the client function, on every call (Flower's examples).
     resident = algo.build_resident()
     ctx = ClientContext(cid, rnd, derive_seed(algo.cfg.seed, rnd, cid), None, resident, _load_moments(context))
@@ -126,9 +106,8 @@ def train(msg: Message, context: Context) -> Message:
     cid = int(context.node_config["partition-id"])
     if cid != config["client-id"]:
         raise RuntimeError(f"node serves partition {cid}, the server meant client {config['client-id']}")
-    step = _train_fedlarge if json.loads(config["cfg"])["algorithm"]["name"] == "fedlarge" else _train_vlm_lora
     arrays = dict(msg.content["arrays"].to_torch_state_dict())
-    tensors, loss, n = step(config["cfg"], cid, int(config["server-round"]), arrays, context)
+    tensors, loss, n = _train(config["cfg"], cid, int(config["server-round"]), arrays, context)
     reply = RecordDict(
         {"arrays": ArrayRecord(tensors), "metrics": MetricRecord({"train_loss": loss, "num-examples": n})}
     )
@@ -179,18 +158,8 @@ def make_server_app(cfg) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         warnings.filterwarnings("ignore")
-        if cfg.algorithm.name == "fedlarge":
-            from raysim.algorithms.fedlarge import FedLarge
-
-            algo = FedLarge(cfg)  # its evaluation model is built once, on first use
-            initial, central_eval = ArrayRecord(algo.init_server()), algo.evaluate
-        else:
-            data = FederatedData(cfg)
-            server_model = vlm_lora.build_resident(cfg, data)  # for the initial adapter and central evaluation
-            initial = ArrayRecord(vlm_lora.initial_adapter(server_model, cfg))
-
-            def central_eval(adapter):
-                return vlm_lora.evaluate_adapter(server_model, cfg, adapter)
+        algo = algorithms.load(cfg.algorithm.name)(cfg)  # its evaluation model is built once, on first use
+        initial, central_eval = ArrayRecord(algo.init_server()), algo.evaluate
         evals, eval_s = {}, {}
 
         def evaluate_fn(server_round: int, arrays: ArrayRecord):
@@ -220,7 +189,7 @@ def make_server_app(cfg) -> ServerApp:
             initial=evals.get(0),
             final=evals.get(cfg.rounds),
             eval_s=eval_s,
-            adapter_norm=vlm_lora.l2_norm({k: v.float() for k, v in final.items()}),
+            adapter_norm=l2_norm({k: v.float() for k, v in final.items()}),
         )
 
     return app

@@ -1,21 +1,20 @@
 """The "ideal": a plain single-process PyTorch loop doing exactly the client updates of
 raysim's FedAvg, with nothing around them (no Ray, no actors, no disk).
 
-Same model (the cached pre-trained base, LoRA through raysim's `build_resident`, built
-ONCE), same data and partition (`FederatedData`), same client sampling
-(`sample_clients`), same per-client seeds (`derive_seed`), same steps
-(`vlm_lora.local_train`, with each client's optimizer moments kept across rounds in a
-dict), same aggregation (raysim's fixed-point weighted-sum fold, so the global adapter
-is bit-identical to raysim's). Evaluation: round 0 and the last round, plus every
-`eval.every` rounds, exactly the cadence of raysim's engine.
+Same model (the cached pre-trained base, LoRA through the algorithm's `build_resident`,
+built ONCE and also used for evaluation), same data and partition, same client sampling
+(`sample_clients`), same per-client seeds (`derive_seed`), same steps (the algorithm's
+own `client_step` on the one LoRA path, raysim/lora/, with each client's state kept
+across rounds in a dict), same aggregation (its fold `zero`/`accumulate`/`finalize`:
+raysim's fixed-point weighted sum, so the global adapter is bit-identical to raysim's).
+Evaluation: round 0 and the last round, plus every `eval.every` rounds, exactly the
+cadence of raysim's engine.
 
     .venv/bin/python benchmarks/ideal.py configs/quickstart.yaml clients.total=100 \
         rounds=20 eval.every=1000 --threads 2 --json /tmp/ideal.json
 
-With `algorithm.name: fedlarge` (configs/fedlarge.yaml) the loop runs FedLarge's own
-steps instead: `FedLarge.build_resident` once (the MiniLM dual encoder plus LoRA, also
-used for evaluation: one model in the process), then per client `FedLarge.client_step`
-and the fold `zero`/`accumulate`/`finalize`, evaluation with `FedLarge.evaluate`.
+Any algorithm on the LoRA path runs this way (fedavg, fedprox, fedlarge with
+configs/fedlarge.yaml: the MiniLM dual encoder).
 
 Prints one JSON object (also written to --json): per-round wall times, the time spent
 importing, the wall time after imports, peak memory (PSS of this process) and the final
@@ -38,47 +37,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from raysim.aggregate import weighted as agg  # noqa: E402
-from raysim import vlm_lora  # noqa: E402
+from raysim import algorithms  # noqa: E402
 from raysim.config import load_config  # noqa: E402
-from raysim.data import FederatedData  # noqa: E402
+from raysim.lora.adapters import l2_norm  # noqa: E402
 from raysim.run.memory import PeakMemorySampler  # noqa: E402
 from raysim.run.seeding import derive_seed, sample_clients  # noqa: E402
 
 T_IMPORTED = time.perf_counter()
 
 
-def vlm_lora_loop(cfg):
-    """raysim's FedAvg (and the quickstart's algorithm) on the shared tiny CLIP."""
-    data = FederatedData(cfg)
-    resident = vlm_lora.build_resident(cfg, data)  # base model built once, LoRA added once
-    r_max = vlm_lora.max_rank(cfg)
-    sizes = data.client_sizes()
-    client_state: dict[int, dict] = {}  # each client's optimizer moments / personal adapter
-
-    def train_round(state, r: int, ids: list[int]):
-        acc, losses = agg.ws_zero(), []
-        for cid in ids:
-            start = vlm_lora.for_client(state, vlm_lora.client_rank(cfg, cid), r_max)
-            tensors, metrics = vlm_lora.local_train(
-                resident, cfg, cid, derive_seed(cfg.seed, r, cid), start, client_state.setdefault(cid, {})
-            )
-            acc = vlm_lora.adapter_fold_add(acc, tensors, float(sizes[cid]), cfg)
-            losses.append(metrics["train_loss"])
-        return vlm_lora.adapter_fold_result(acc, cfg), losses
-
-    return vlm_lora.initial_adapter(resident, cfg), train_round, lambda s: vlm_lora.evaluate_adapter(resident, cfg, s)
-
-
-def fedlarge_loop(cfg):
-    """FedLarge's own client step and fold, the resident (MiniLM dual encoder + LoRA) built once."""
+def path_loop(cfg):
+    """The algorithm's own client step and fold, the resident model built once."""
     from actors.protocol import ClientContext
-    from raysim.algorithms.fedlarge import FedLarge
 
-    algo = FedLarge(cfg)
-    resident = algo.build_resident()
+    algo = algorithms.load(cfg.algorithm.name)(cfg)
+    resident = algo.build_resident()  # base model built once, LoRA added once
     algo.__dict__["_eval_resident"] = resident  # evaluate on the same model: one copy in the process
-    client_state: dict[int, dict] = {}
+    client_state: dict[int, dict] = {}  # each client's optimizer moments / personal adapter
 
     def train_round(state, r: int, ids: list[int]):
         msg = algo.broadcast(state, r, ids)
@@ -93,9 +68,6 @@ def fedlarge_loop(cfg):
     return algo.init_server(), train_round, algo.evaluate
 
 
-LOOPS = {"fedlarge": fedlarge_loop}  # any other algorithm: the vlm_lora loop (FedAvg's steps)
-
-
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("config")
@@ -108,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     with PeakMemorySampler() as memory:
         cfg = load_config(args.config, args.overrides)
-        state, train_round, evaluate = LOOPS.get(cfg.algorithm.name, vlm_lora_loop)(cfg)
+        state, train_round, evaluate = path_loop(cfg)
         t_eval = time.perf_counter()
         evals = {0: evaluate(state)}
         eval_s = {0: time.perf_counter() - t_eval}
@@ -139,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
         "eval0_s": eval_s[0],
         "initial": evals[0],
         "final": evals[max(evals)],
-        "adapter_norm": vlm_lora.l2_norm(state),
+        "adapter_norm": l2_norm(state),
         "peak_memory_mb": memory.peak_mb,
         "pid": os.getpid(),
     }

@@ -118,7 +118,7 @@ def _run(cmd: list[str], logfile: Path, env: dict | None = None) -> float:
 
 def run_raysim(overrides: list[str], scratch: Path, tag: str, preimport: bool = True, config: str = CONFIG) -> dict:
     from raysim.run.checkpoint import load_latest
-    from raysim.vlm_lora import l2_norm
+    from raysim.lora.adapters import l2_norm
 
     out = scratch / f"raysim-{tag}"
     js = scratch / f"raysim-{tag}.json"
@@ -441,12 +441,8 @@ def full(args, have_flower: bool, scratch: Path, save=lambda r: None) -> dict:
 
 def count_params(overrides: list[str], config: str = CONFIG) -> dict:
     code = (
-        "import sys,json;from raysim.config import load_config;from raysim.data import FederatedData;"
-        "from raysim import vlm_lora as v;c=load_config(sys.argv[1],sys.argv[2:]);\n"
-        "if c.algorithm.name=='fedlarge':\n"
-        " from raysim.algorithms.fedlarge import FedLarge;m=FedLarge(c).build_resident().model\n"
-        "else:\n"
-        " d=FederatedData(c);m=v.build_resident(c,d).model\n"
+        "import sys,json;from raysim.config import load_config;from raysim import algorithms;"
+        "c=load_config(sys.argv[1],sys.argv[2:]);m=algorithms.load(c.algorithm.name)(c).build_resident().model\n"
         "print(json.dumps({'total':sum(p.numel() for p in m.parameters()),"
         "'trainable':sum(p.numel() for p in m.parameters() if p.requires_grad)}))"
     )

@@ -90,7 +90,8 @@ def drops(variant: str, rounds: int, seed: int) -> dict:
     import torch
     from safetensors.torch import load_file
 
-    from raysim.algorithms.fedlarge import FedLarge, quality_weights
+    from raysim.algorithms.fedlarge import FedLarge
+    from raysim.lora.quality import quality_weights
 
     algo = FedLarge(load(CONFIG, overrides(variant, rounds, seed)))
     out = {"scored": 0, "mismatched": 0, "dropped": 0, "dropped_mismatched": 0, "clean_clients_scored": 0,
@@ -103,7 +104,7 @@ def drops(variant: str, rounds: int, seed: int) -> dict:
             if "quality/scores" not in state or int(state["quality/round"]) in seen:
                 continue
             seen.add(int(state["quality/round"]))
-            w = quality_weights(state["quality/scores"], algo.opts)
+            w = quality_weights(state["quality/scores"], algo.lora.quality)
             out["weight_mismatched"] += float(w[bad].sum())
             out["weight_clean"] += float(w[~bad].sum())
             drop = w == 0

@@ -13,6 +13,7 @@ untrained [CLS] pooler. The image tower is a small ViT or ResNet built from a co
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -207,6 +208,43 @@ def build_minilm_dual_encoder(vision_config, projection_dim: int, seed: int) -> 
     # vs 3.9 after 20 epochs on the digits pre-training split).
     model.visual_projection.reset_parameters()
     model.text_projection.reset_parameters()
+    model.eval()
+    return model
+
+
+def align_image_tower(model: MeanPoolDualEncoder, images: torch.Tensor, input_ids: torch.Tensor,
+                      attention_mask: torch.Tensor, *, epochs: int, batch_size: int, lr: float, weight_decay: float,
+                      seed: int, log=print) -> MeanPoolDualEncoder:
+    """CLIP loss on aligned pairs, training the image tower, both projections and the
+    temperature. The text tower stays locked, so its mean-pooled features are computed once
+    per caption (LiT with the roles swapped: locked text, tuned image)."""
+    with torch.no_grad():
+        pooled = torch.cat([
+            mean_pool(model.text_model(input_ids=input_ids[s:s + 256], attention_mask=attention_mask[s:s + 256]
+                                       ).last_hidden_state, attention_mask[s:s + 256])
+            for s in range(0, len(input_ids), 256)
+        ])
+    for param in model.text_model.parameters():
+        param.requires_grad_(False)
+    params = [q for q in model.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    t0 = time.perf_counter()
+    for epoch in range(epochs):
+        for b in torch.randperm(len(images), generator=gen).split(batch_size):
+            if len(b) < 2:
+                continue
+            img = F.normalize(model.embed_image(images[b])[1], dim=-1)
+            txt = F.normalize(model.text_projection(pooled[b]), dim=-1)
+            logits = model.logit_scale.exp() * img @ txt.T
+            target = torch.arange(len(b))
+            loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        if epoch == epochs - 1 or epoch % 5 == 0:
+            log(f"minilm base epoch {epoch + 1}/{epochs} loss {loss.item():.3f} ({time.perf_counter() - t0:.1f}s)")
     model.eval()
     return model
 

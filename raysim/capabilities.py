@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from actors.protocol import Algorithm, ConfigProblems, GuardableUpdates, HeterogeneousRanks, LoraAggregation
-from raysim.config import ConfigError, ExperimentConfig
+from actors.protocol import Algorithm, ConfigProblems, GuardableUpdates, HeterogeneousRanks, LoraAggregation, LoraFineTuning
+from raysim.config import CaptionNoise, ConfigError, ExperimentConfig, LoraConfig
 
 GUARD = "returns client updates shaped like what the clients were sent (GuardableUpdates: client_reference)"
 
@@ -36,6 +36,16 @@ ROWS: list[tuple[str, Callable[[ExperimentConfig], bool], type, str]] = [
         "trains adapters of different ranks per client (HeterogeneousRanks)",
     ),
 ]
+LORA_PATH = "clients fine-tune LoRA adapters on the one LoRA path, raysim/lora/ (LoraFineTuning)"
+# The settings of the LoRA path beyond the adapter's shape: set to anything but their default,
+# they need an algorithm on that path.
+PATH_SETTINGS = ["base", "minilm", "loss", "backend", "precision", "gradient_checkpointing", "lock_text_tower",
+                 "quality", "contribution"]
+ROWS += [
+    (f"lora.{name}", lambda c, name=name: getattr(c.lora, name) != getattr(LoraConfig(), name), LoraFineTuning, LORA_PATH)
+    for name in PATH_SETTINGS
+]
+ROWS.append(("faults.caption_noise", lambda c: c.faults.caption_noise != CaptionNoise(), LoraFineTuning, LORA_PATH))
 
 
 def problems(cfg: ExperimentConfig, algorithm) -> list[str]:

@@ -151,10 +151,14 @@ def _stop_on_sigterm() -> None:
 
 
 def _pretrain(cfg) -> int:
+    from actors.protocol import LoraFineTuning
+    from raysim import algorithms
     from raysim.pretrain import pretrained_base_dir
 
     t0 = time.perf_counter()
-    path = pretrained_base_dir(cfg)
+    algorithm = algorithms.load(cfg.algorithm.name)(cfg)
+    # On the LoRA path the base follows lora.base (e.g. the MiniLM dual encoder).
+    path = algorithm.base_dir if isinstance(algorithm, LoraFineTuning) else pretrained_base_dir(cfg)
     print(f"base model: {path} ({time.perf_counter() - t0:.1f}s)")
     return 0
 

@@ -75,7 +75,72 @@ class PretrainConfig(_Strict):
     weight_decay: float = Field(0.1, ge=0)
 
 
+class MiniLMBaseConfig(_Strict):
+    """The image tower of the MiniLM dual encoder (lora.base: minilm); its text tower is the
+    pretrained all-MiniLM-L6-v2."""
+
+    image_tower: Literal["vit", "resnet"] = "vit"
+    hidden_size: int = Field(64, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    intermediate_size: int = Field(128, ge=8)
+    patch_size: int = Field(8, ge=1)
+    projection_dim: int = Field(64, ge=4)
+
+
+class LoraBackendConfig(_Strict):
+    """Where a client's local training runs: plain torch, or DeepSpeed ZeRO inside the
+    client's worker (world_size > 1: in that many Ray actors, one placement group)."""
+
+    name: Literal["torch", "deepspeed"] = "torch"
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload: Literal["none", "optimizer", "optimizer_and_params"] = "none"
+    world_size: int = Field(1, ge=1, description="ranks per client")
+    rank_num_cpus: float = Field(1.0, gt=0, description="world_size > 1: CPUs of each rank actor")
+    rank_num_gpus: int = Field(0, ge=0, description="world_size > 1: GPUs of each rank; > 0: nccl, else gloo")
+
+    @model_validator(mode="after")
+    def _check(self) -> "LoraBackendConfig":
+        problems = []
+        if self.name != "deepspeed" and (self.offload != "none" or self.world_size > 1):
+            problems.append("lora.backend.offload and lora.backend.world_size > 1 need lora.backend.name 'deepspeed'")
+        if self.offload != "none" and self.zero_stage == 0:
+            problems.append("lora.backend.offload needs ZeRO (zero_stage 1-3): stage 0 has no optimizer partition to offload")
+        if self.offload == "optimizer_and_params" and self.zero_stage != 3:
+            problems.append("lora.backend.offload 'optimizer_and_params' needs zero_stage 3 (only ZeRO-3 partitions weights)")
+        if self.world_size == 1 and (self.rank_num_cpus != 1.0 or self.rank_num_gpus != 0):
+            problems.append("lora.backend.rank_num_cpus / rank_num_gpus size the rank actors of world_size > 1; "
+                            "with world_size 1 the client trains in its worker: drop them or raise world_size")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class QualityConfig(_Strict):
+    """Data quality from the model itself: the current global model, frozen, scores each of a
+    client's image-caption pairs before it trains; low scorers are dropped (filter) or
+    down-weighted (weight). 'none', not 'off': YAML reads a bare off as false."""
+
+    mode: Literal["none", "filter", "weight"] = "none"
+    every: int = Field(0, ge=0, description="re-score every K rounds; 0 = only before the first training")
+    filter_fraction: float = Field(0.3, ge=0, lt=1, description="the cut: this quantile of a client's scores")
+    filter_threshold: Optional[float] = Field(None, description="the cut: this score instead (0: no better than an average other caption)")
+    weight_temperature: float = Field(0.05, gt=0, description="weight: sigmoid((score - cut) / T)")
+
+
+class ContributionConfig(_Strict):
+    """Per-client contribution scores, the incentive hook: each round, the cosine of a client's
+    update with the round's mean update (gradient similarity, CGSV), in the space the LoRA
+    rule averages in."""
+
+    mode: Literal["none", "gradient"] = "none"
+    sketch_dim: int = Field(65536, ge=16, description="count-sketch size; exact below it")
+
+
 class LoraConfig(_Strict):
+    """The one LoRA fine-tuning path (raysim/lora/): the adapter, and the independent settings
+    of how clients train it. Read by every algorithm on that path (fedavg, fedprox, fedlarge)."""
+
     r: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
@@ -84,14 +149,56 @@ class LoraConfig(_Strict):
     modules_to_save: list[str] = Field(default_factory=lambda: ["visual_projection", "text_projection"])
     # Heterogeneous ranks: client i uses client_ranks[i % len]. Empty = everyone uses r.
     client_ranks: list[int] = Field(default_factory=list)
+    # The model family: `model` = the model section (raysim's tiny CLIP, pre-trained and
+    # cached, or the dual-encoder checkpoint at model.path); `minilm` = a dual encoder whose
+    # text tower is the pretrained all-MiniLM-L6-v2 and whose image tower (lora.minilm) is
+    # first aligned to it centrally on the pre-training split, cached too.
+    base: Literal["model", "minilm"] = "model"
+    minilm: MiniLMBaseConfig = MiniLMBaseConfig()
+    # The contrastive loss: `clip` = raysim's CLIP loss on the encoders' features (logit scale
+    # clamped at 100, as CLIP trains); `model_logits` = the same InfoNCE on the logits of the
+    # checkpoint's own forward (SigLIP's bias included). auto: clip with the torch backend and
+    # no locked tower, else model_logits (DeepSpeed and the locked tower run the model's forward).
+    loss: Literal["auto", "clip", "model_logits"] = "auto"
+    backend: LoraBackendConfig = LoraBackendConfig()
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype of the forward passes
+    gradient_checkpointing: bool = False
+    # A frozen text tower without trainable weights is locked, as in LiT: inference mode (no
+    # dropout), and with the torch backend its features of each client's captions are computed
+    # once per worker and reused. Needs a tower that takes precomputed features (the MiniLM dual
+    # encoder); LoRA or modules_to_save inside the text tower leave it unlocked.
+    lock_text_tower: bool = False
+    quality: QualityConfig = QualityConfig()
+    contribution: ContributionConfig = ContributionConfig()
 
     @model_validator(mode="after")
     def _check(self) -> "LoraConfig":
+        problems = []
         if any(r < 1 for r in self.client_ranks):
-            raise ValueError(f"lora.client_ranks must all be >= 1, got {self.client_ranks}")
+            problems.append(f"lora.client_ranks must all be >= 1, got {self.client_ranks}")
         if not self.target_modules:
-            raise ValueError("lora.target_modules must name at least one module")
+            problems.append("lora.target_modules must name at least one module")
+        if self.base != "minilm" and self.minilm != MiniLMBaseConfig():
+            problems.append("lora.minilm describes the image tower of lora.base 'minilm'; set lora.base: minilm or drop it")
+        deepspeed = self.backend.name == "deepspeed"
+        if self.loss == "clip" and (deepspeed or self.lock_text_tower):
+            problems.append("lora.loss 'clip' calls the encoders directly, which the DeepSpeed backend and a locked "
+                            "text tower do not allow (they run the model's forward); use lora.loss 'model_logits' or 'auto'")
+        if deepspeed and self.precision == "fp16":
+            problems.append("lora.backend 'deepspeed' runs fp32 master weights with autocast; use lora.precision bf16, not fp16")
+        if deepspeed and self.client_ranks:
+            problems.append("lora.client_ranks with lora.backend 'deepspeed': a DeepSpeed engine owns one adapter's "
+                            "parameters (ZeRO-3 hooks the whole model), so one resident model cannot train several "
+                            "ranks; use lora.backend.name 'torch' or drop lora.client_ranks")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
+
+    def logits(self) -> str:
+        """The loss's logits with `auto` resolved: 'clip' or 'model_logits'."""
+        if self.loss != "auto":
+            return self.loss
+        return "clip" if self.backend.name == "torch" and not self.lock_text_tower else "model_logits"
 
 
 class TrainConfig(_Strict):
@@ -247,6 +354,14 @@ class PrivacyConfig(_Strict):
         return self
 
 
+class CaptionNoise(_Strict):
+    """Simulated low-quality data: `fraction` of the listed clients' pairs get another pair's
+    caption (a cyclic shift among those pairs). Applied by the LoRA path's data (raysim/lora/data.py)."""
+
+    clients: list[int] = Field(default_factory=list)
+    fraction: float = Field(0.3, ge=0, le=1)
+
+
 class FaultsConfig(_Strict):
     """Simulated misbehaviour, for robustness experiments and tests."""
 
@@ -255,6 +370,7 @@ class FaultsConfig(_Strict):
     attack_scale: float = Field(10.0, gt=0)
     nan_clients: list[int] = Field(default_factory=list, description="clients whose updates contain NaN")
     slow_clients: dict[int, float] = Field(default_factory=dict, description="client id -> extra seconds")
+    caption_noise: CaptionNoise = CaptionNoise()
 
 
 class EvalConfig(_Strict):
@@ -331,6 +447,9 @@ class ExperimentConfig(_Strict):
                 " updates under privacy.secure_aggregation; set runtime.warm_start false, or leave it unset"
                 " (it is off under secure aggregation)"
             )
+        outside = [c for c in self.faults.caption_noise.clients if not 0 <= c < self.clients.total]
+        if outside:
+            problems.append(f"faults.caption_noise.clients {outside} are not client ids (0 to clients.total - 1)")
         if self.runtime.min_results and self.runtime.min_results > self.clients.per_round:
             problems.append(
                 f"runtime.min_results ({self.runtime.min_results}) exceeds clients.per_round ({self.clients.per_round})"

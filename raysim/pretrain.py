@@ -1,6 +1,7 @@
 """Central, deterministic pre-training of the base dual encoder on the held-out split,
-cached on disk by a hash of what determines it. LoRA on a random tiny CLIP stays at
-chance, so federated runs start from this base."""
+cached on disk by a hash of what determines it: raysim's tiny CLIP, or the MiniLM dual
+encoder's image tower aligned to its locked text tower. LoRA on a random tiny CLIP stays
+at chance, so federated runs start from this base."""
 from __future__ import annotations
 
 import hashlib
@@ -15,7 +16,7 @@ import torch
 from filelock import FileLock
 
 from models.clip import build_tiny_clip, contrastive_loss, tiny_clip_config
-from raysim.config import ExperimentConfig
+from raysim.config import ExperimentConfig, MiniLMBaseConfig
 from raysim.data import BOS, EOS, PAD, FederatedData
 
 
@@ -102,20 +103,61 @@ def pretrained_base_dir(cfg: ExperimentConfig, data: FederatedData | None = None
                 "point it at a directory written by save_pretrained"
             )
         return path
-    target = cache_root() / "pretrain" / pretrain_key(cfg)
+
+    def build(tmp: Path) -> None:
+        model = train_base(cfg, data if data is not None else FederatedData(cfg), log=log)
+        model.save_pretrained(str(tmp), safe_serialization=True)
+
+    return _cached(cache_root() / "pretrain" / pretrain_key(cfg), build)
+
+
+def minilm_base_key(cfg: ExperimentConfig, minilm: MiniLMBaseConfig) -> str:
+    d = cfg.to_dict()
+    sub = {"minilm": minilm.model_dump(), "pretrain": d["pretrain"], "seed": cfg.seed,
+           "max_text_len": cfg.model.max_text_len}
+    sub["data"] = {k: d["data"][k] for k in ("dataset", "image_size", "test_fraction", "pretrain_class_share")}
+    return hashlib.sha256(json.dumps(sub, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def train_minilm_base(cfg: ExperimentConfig, m: MiniLMBaseConfig, data: FederatedData, log=print):
+    """The MiniLM dual encoder (lora.base: minilm) with its new image tower aligned to the
+    locked MiniLM text tower on the pre-training split (`data` tokenized by MiniLM's tokenizer)."""
+    from models.minilm import align_image_tower, build_minilm_dual_encoder, image_tower_config
+
+    vision = image_tower_config(m.image_tower, image_size=cfg.data.image_size, patch_size=m.patch_size,
+                                hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads,
+                                intermediate_size=m.intermediate_size)
+    model = build_minilm_dual_encoder(vision, m.projection_dim, cfg.seed)
+    p, split = cfg.pretrain, data.pretrain
+    if not p.enabled:
+        return model
+    return align_image_tower(model, split.images, split.input_ids, split.attention_mask, epochs=p.epochs,
+                             batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay, seed=cfg.seed, log=log)
+
+
+def minilm_base_dir(cfg: ExperimentConfig, m: MiniLMBaseConfig, data: FederatedData, log=print) -> Path:
+    """Directory of the cached MiniLM base (with its tokenizer), built if missing."""
+    from models.minilm import load_minilm_tokenizer, save_with_tokenizer
+
+    def build(tmp: Path) -> None:
+        save_with_tokenizer(train_minilm_base(cfg, m, data, log), tmp, load_minilm_tokenizer())
+
+    return _cached(cache_root() / "fedlarge-minilm" / minilm_base_key(cfg, m), build)
+
+
+def _cached(target: Path, build) -> Path:
+    """`target`, built by `build(tmp_dir)` once across processes (a file lock) and renamed into
+    place atomically: readers see a complete checkpoint or none."""
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
         if (target / "config.json").is_file():
             return target
-        if data is None:
-            data = FederatedData(cfg)
-        model = train_base(cfg, data, log=log)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
         try:
-            model.save_pretrained(str(tmp), safe_serialization=True)
-            tmp.rename(target)  # atomic: readers see a complete checkpoint or none
+            build(tmp)
+            tmp.rename(target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target

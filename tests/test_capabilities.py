@@ -106,11 +106,13 @@ def refused(name: str, extra: dict, key: str, tmp_path, capsys) -> None:
 
 
 def test_every_algorithm_is_in_the_table():
+    import importlib
     import pkgutil
 
     import raysim.algorithms as package
 
-    files = {m.name for m in pkgutil.iter_modules(package.__path__)} - {"common"}  # common.py: shared base
+    modules = {m.name: importlib.import_module(f"raysim.algorithms.{m.name}") for m in pkgutil.iter_modules(package.__path__)}
+    files = {name for name, module in modules.items() if hasattr(module, "ALGORITHM")}  # common.py is none
     assert files == set(SETUPS)
     for name in SETUPS:  # the table's split is what each algorithm declares
         alg = algorithms.load(name)(load_config(*overrides(name)))
@@ -153,15 +155,10 @@ def test_guard_options_work(name, option, tmp_path_factory):
         raise AssertionError(option)
 
 
-# fedlarge folds its adapters through the LoRA rules (see the dense-sum test), so it honours
-# algorithm.lora_aggregation; every other pairing outside fedavg/fedprox must be refused.
-LORA_REFUSALS = [
-    (name, option)
-    for name in SETUPS
-    if name not in ("fedavg", "fedprox")
-    for option in sorted(LORA_OPTIONS)
-    if (name, option) != ("fedlarge", "algorithm.lora_aggregation")
-]
+# fedavg, fedprox and fedlarge are settings of the one LoRA path (raysim/lora/), which folds
+# adapters by the LoRA rules and trains heterogeneous ranks; every other algorithm must refuse both.
+LORA_PATH = ["fedavg", "fedprox", "fedlarge"]
+LORA_REFUSALS = [(name, option) for name in SETUPS if name not in LORA_PATH for option in sorted(LORA_OPTIONS)]
 
 
 @pytest.mark.parametrize("name,option", LORA_REFUSALS)
@@ -169,7 +166,7 @@ def test_lora_options_refused_where_the_fold_does_not_read_them(name, option, tm
     refused(name, LORA_OPTIONS[option], option, tmp_path, capsys)
 
 
-@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedlarge"])
+@pytest.mark.parametrize("name", LORA_PATH)
 def test_product_rule_folds_the_dense_sum(name):
     """algorithm.lora_aggregation=product: the new adapter's scaling * B @ A is the weighted
     mean of the clients' B @ A (the clients share A here, so rank r represents it exactly)."""
@@ -190,7 +187,7 @@ def test_product_rule_folds_the_dense_sum(name):
     torch.testing.assert_close(dense, expected, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["fedavg", "fedprox"])
+@pytest.mark.parametrize("name", LORA_PATH)
 def test_heterogeneous_ranks_train(name, tmp_path):
     config, over = overrides(name, **LORA_OPTIONS["lora.client_ranks"])
     assert main(["run", config, *over, "--out", str(tmp_path / "run"), "--quiet"]) == 0
@@ -207,3 +204,39 @@ def test_fedlarge_contribution_needs_every_update(tmp_path, capsys):
 def test_product_rule_refused_with_privacy(tmp_path, capsys):
     extra = {"algorithm.lora_aggregation": "product", "privacy.secure_aggregation": "true"}
     refused("fedavg", extra, "algorithm.lora_aggregation", tmp_path, capsys)
+
+
+# The LoRA path's settings (the lora: section beyond the adapter's shape, and the caption
+# noise its data applies): row key -> overrides asking for it.
+PATH_OPTIONS = {
+    "lora.quality": {"lora.quality.mode": "weight"},
+    "lora.contribution": {"lora.contribution.mode": "gradient"},
+    "lora.backend": {"lora.backend.name": "deepspeed"},
+    "lora.lock_text_tower": {"lora.lock_text_tower": "true"},
+    "faults.caption_noise": {"faults.caption_noise.clients": "[0]"},
+}
+PATH_REFUSALS = [(name, option) for name in SETUPS if name not in ("fedavg", "fedprox") for option in PATH_OPTIONS]
+
+
+@pytest.mark.parametrize("name,option", PATH_REFUSALS)
+def test_lora_path_settings_refused_off_the_path(name, option, tmp_path, capsys):
+    """Off the path nothing reads them; fedlarge takes them from its algorithm.options."""
+    refused(name, PATH_OPTIONS[option], option, tmp_path, capsys)
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedprox"])
+def test_quality_and_contribution_work_on_fedavg_and_fedprox(name, tmp_path):
+    extra = {**PATH_OPTIONS["lora.contribution"], **PATH_OPTIONS["faults.caption_noise"], "lora.quality.mode": "filter"}
+    config, over = overrides(name, **extra)
+    assert main(["run", config, *over, "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    rec = record(tmp_path / "run")
+    assert set(rec["contribution"]) == {str(c) for c in rec["clients"]}
+    assert all(-1 <= s <= 1 for s in rec["contribution"].values())
+    assert 0.6 < rec["client_means"]["kept_fraction"] < 0.8  # each client's lowest-scoring 30% dropped
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["contribution"]["rounds"]
+    alg = algorithms.load(name)(load_config(config, over))
+    assert alg.data.mismatched[alg.data.client_partition[0]].sum() > 0  # client 0's captions were shuffled
+
+
+def test_locked_tower_refused_where_the_base_cannot_take_text_features(tmp_path, capsys):
+    refused("fedavg", PATH_OPTIONS["lora.lock_text_tower"], "lora.lock_text_tower", tmp_path, capsys)

@@ -84,3 +84,30 @@ def test_fingerprint_stable_and_sensitive():
     a, b = load_config(QUICK), load_config(QUICK)
     assert a.fingerprint() == b.fingerprint()
     assert a.fingerprint() != load_config(QUICK, ["seed=1"]).fingerprint()
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["lora.loss=clip", "lora.backend.name=deepspeed"], "lora.loss 'clip' calls the encoders directly"),
+        (["lora.backend.name=deepspeed", "lora.client_ranks=[2,4]", "algorithm.lora_aggregation=hetlora"],
+         "lora.client_ranks with lora.backend 'deepspeed'"),
+        (["lora.backend.world_size=2"], "need lora.backend.name 'deepspeed'"),
+        (["lora.backend.name=deepspeed", "lora.backend.rank_num_cpus=2"], "with world_size 1 the client trains in its worker"),
+        (["lora.backend.name=deepspeed", "lora.backend.zero_stage=0", "lora.backend.offload=optimizer"],
+         "stage 0 has no optimizer partition"),
+        (["lora.minilm.hidden_size=32"], "set lora.base: minilm"),
+        (["lora.backend.name=deepspeed", "lora.precision=fp16"], "use lora.precision bf16"),
+        (["faults.caption_noise.clients=[50]"], r"faults.caption_noise.clients \[50\] are not client ids"),
+    ],
+)
+def test_lora_path_settings_that_cannot_work_together(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(QUICK, overrides)
+
+
+def test_lora_loss_auto_is_clip_only_where_the_encoders_can_be_called():
+    assert load_config(QUICK).lora.logits() == "clip"
+    assert load_config(QUICK, ["lora.backend.name=deepspeed"]).lora.logits() == "model_logits"
+    assert load_config(QUICK, ["lora.lock_text_tower=true"]).lora.logits() == "model_logits"
+    assert load_config(QUICK, ["lora.loss=model_logits"]).lora.logits() == "model_logits"

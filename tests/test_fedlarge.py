@@ -1,6 +1,6 @@
-"""FedLarge (raysim/algorithms/fedlarge.py, models/minilm.py): the offline MiniLM tower,
-loading any VLM checkpoint directory, DeepSpeed ZeRO-2/3 against plain torch, quality
-scores and contribution scores."""
+"""FedLarge (raysim/algorithms/fedlarge.py: settings of the one LoRA path, raysim/lora/) and
+models/minilm.py: the offline MiniLM tower, loading any VLM checkpoint directory, DeepSpeed
+ZeRO 0-3 against plain torch, quality scores and contribution scores."""
 import json
 import os
 import time
@@ -12,8 +12,13 @@ import torch
 
 from conftest import tiny_overrides
 from models import minilm
+from models.locked import locked_text_tower
+from models.lora import activate
 from raysim.algorithms import fedlarge
-from raysim.config import load_config
+from raysim.config import ConfigError, LoraBackendConfig, QualityConfig, load_config
+from raysim.lora import backends, contribution, distributed, objective, quality
+from raysim.lora.adapters import adapter_name
+from raysim.lora.train import train_batches
 from raysim.run.engine import Engine
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "fedlarge.yaml")
@@ -109,7 +114,7 @@ def test_locked_text_tower_features_are_computed_once_and_change_nothing_else(tm
     mode) tower inside every forward pass; without the lock the tower's dropout is on."""
     algo = _minilm_algo(tmp_path)
     res = algo.build_resident()
-    assert fedlarge.locked_text_tower(res.model) is not None
+    assert locked_text_tower(res.model) is not None
     cached, _ = _client_step(algo, res)
     features = res.text_features[1]
     assert features.shape == (len(res.data.client(1)), 384)
@@ -118,11 +123,11 @@ def test_locked_text_tower_features_are_computed_once_and_change_nothing_else(tm
 
     # The same training, the tower run in every forward pass (what DeepSpeed does).
     ref = algo.build_resident()
-    trainer = fedlarge.TorchTrainer(ref.model, algo.name, algo.opts, ref.device)
+    trainer = backends.TorchTrainer(ref.model, algo.lora.precision, ref.device)
     t = algo.cfg.train
-    trainer.start(algo.init_server(), t.lr, t.weight_decay, None)
+    trainer.start(adapter_name(algo.lora.r), algo.init_server(), t.lr, t.weight_decay, None)
     data = ref.data.client(1)
-    fedlarge.train_batches(trainer, data, torch.ones(len(data)), 1234 + 1, t, ref.device, "fp32")
+    train_batches(trainer, data, torch.ones(len(data)), 1234 + 1, t, algo.lora, ref.device)
     assert not ref.text_features
     for k, v in trainer.finish()[0].items():
         torch.testing.assert_close(cached[k], v, atol=1e-5, rtol=1e-4, msg=k)
@@ -130,8 +135,8 @@ def test_locked_text_tower_features_are_computed_once_and_change_nothing_else(tm
     # Quality scores from the cached features are the scores of running the tower.
     trainer.train(False)
     torch.testing.assert_close(
-        fedlarge.pair_scores(trainer.forward, data, 256, ref.device, text_features=features),
-        fedlarge.pair_scores(trainer.forward, data, 256, ref.device), atol=1e-6, rtol=1e-5)
+        quality.pair_scores(trainer.forward, data, 256, ref.device, text_features=features),
+        quality.pair_scores(trainer.forward, data, 256, ref.device), atol=1e-6, rtol=1e-5)
 
     trainer.train(True)  # a locked tower stays in inference mode while the rest trains
     text_model = ref.model.get_base_model().text_model
@@ -139,7 +144,7 @@ def test_locked_text_tower_features_are_computed_once_and_change_nothing_else(tm
 
     unlocked = _minilm_algo(tmp_path, **{"algorithm.options.lock_text_tower": "false"})
     res_u = unlocked.build_resident()
-    assert fedlarge.locked_text_tower(res_u.model) is None
+    assert locked_text_tower(res_u.model) is None
     dropped, _ = _client_step(unlocked, res_u)
     assert not res_u.text_features
     assert max((dropped[k] - cached[k]).abs().max().item() for k in cached) > 1e-4  # dropout in the tower
@@ -152,16 +157,16 @@ def test_quality_weighting_scores_a_locked_tower_from_its_cached_features(tmp_pa
     _, state = _client_step(algo, res)
     assert 1 in res.text_features  # computed before scoring, reused for training
     ref = algo.build_resident()
-    fedlarge.activate(ref.model, algo.name)
+    activate(ref.model, adapter_name(algo.lora.r))
     ref.model.eval()
-    expect = fedlarge.pair_scores(ref.model, ref.data.client(1), algo.cfg.eval.batch_size, ref.device)
+    expect = quality.pair_scores(ref.model, ref.data.client(1), algo.cfg.eval.batch_size, ref.device)
     torch.testing.assert_close(state["quality"]["scores"], expect, atol=1e-6, rtol=1e-5)
 
 
 def test_lora_in_the_text_tower_unlocks_it(tmp_path):
     algo = _minilm_algo(tmp_path, **{"lora.target_modules": "[q_proj,v_proj,query,value]"})
     res = algo.build_resident()
-    assert fedlarge.locked_text_tower(res.model) is None
+    assert locked_text_tower(res.model) is None
     _client_step(algo, res)
     assert not res.text_features
 
@@ -270,30 +275,36 @@ def test_deepspeed_keeps_each_clients_optimizer_state_across_rounds(tmp_path, ex
 
 
 def test_deepspeed_config_and_options():
-    opts = fedlarge.Options(backend="deepspeed", zero_stage=3, offload="optimizer_and_params")
-    conf = fedlarge.deepspeed_config(opts, 16)
+    backend = LoraBackendConfig(name="deepspeed", zero_stage=3, offload="optimizer_and_params")
+    conf = backends.deepspeed_config(backend, 16)
     assert conf["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"},
                                          "offload_param": {"device": "cpu"}}
     assert conf["gradient_clipping"] == 0.0 and conf["zero_allow_untested_optimizer"]
     assert conf["zero_force_ds_cpu_optimizer"] is False  # torch AdamW even with offload
     with pytest.raises(ValueError, match="zero_stage 3"):
-        fedlarge.Options(backend="deepspeed", zero_stage=2, offload="optimizer_and_params")
+        LoraBackendConfig(name="deepspeed", zero_stage=2, offload="optimizer_and_params")
     with pytest.raises(ValueError, match="world_size > 1"):
         fedlarge.Options(backend="torch", world_size=2)
+    # fedlarge's options are mapped onto the lora: settings and checked there, naming them
+    options = {"algorithm.options.backend": "deepspeed", "algorithm.options.offload": "optimizer_and_params"}
+    with pytest.raises(ConfigError, match="(?s)algorithm.options.*zero_stage 3"):
+        fedlarge.FedLarge(tiny_cfg(**options))
+    mapped = fedlarge.FedLarge(tiny_cfg(**options, **{"algorithm.options.zero_stage": 3})).lora.backend
+    assert (mapped.name, mapped.zero_stage, mapped.offload) == ("deepspeed", 3, "optimizer_and_params")
 
 
 # --- a client over several ranks ---------------------------------------------------------
 
 def test_shard_rows_split_a_batch_into_padded_contiguous_chunks():
     b = torch.tensor([10, 11, 12, 13, 14])
-    assert fedlarge.shard_rows(b, 0, 2).tolist() == [10, 11, 12]
-    assert fedlarge.shard_rows(b, 1, 2).tolist() == [13, 14, 14]  # padded with the last row
+    assert distributed.shard_rows(b, 0, 2).tolist() == [10, 11, 12]
+    assert distributed.shard_rows(b, 1, 2).tolist() == [13, 14, 14]  # padded with the last row
     two = torch.tensor([5, 9])
-    assert [fedlarge.shard_rows(two, r, 4).tolist() for r in range(4)] == [[5], [9], [9], [9]]
+    assert [distributed.shard_rows(two, r, 4).tolist() for r in range(4)] == [[5], [9], [9], [9]]
     # gathered in rank order, the first n rows are the batch itself
     for n, world in [(5, 2), (7, 3), (16, 2), (2, 4)]:
         b = torch.arange(100, 100 + n)
-        assert torch.cat([fedlarge.shard_rows(b, r, world) for r in range(world)])[:n].tolist() == b.tolist()
+        assert torch.cat([distributed.shard_rows(b, r, world) for r in range(world)])[:n].tolist() == b.tolist()
 
 
 def test_group_loss_gradient_is_the_one_process_gradient(ray_cluster):
@@ -324,10 +335,10 @@ def test_group_loss_gradient_is_the_one_process_gradient(ray_cluster):
             import torch.distributed as dist
 
             params = [w_img.clone().requires_grad_(), w_txt.clone().requires_grad_()]
-            rows = fedlarge.shard_rows(torch.arange(len(x)), self.rank, self.world)
+            rows = distributed.shard_rows(torch.arange(len(x)), self.rank, self.world)
             out = _toy_embeddings(*params, x[rows], y[rows], scale)
-            logits = fedlarge.group_logits(out, len(x), (scale, None), check=True)
-            fedlarge.weighted_clip_loss(logits, weights).backward()
+            logits = distributed.group_logits(out, len(x), (scale, None), check=True)
+            objective.weighted_clip_loss(logits, weights).backward()
             grads = [p.grad for p in params]
             for g in grads:  # the data-parallel average DeepSpeed applies
                 dist.all_reduce(g)
@@ -359,7 +370,7 @@ def test_group_loss_gradient_is_the_one_process_gradient(ray_cluster):
     assert ray_cluster.available_resources().get("CPU", 0) == pytest.approx(free)
     params = [w_img.clone().requires_grad_(), w_txt.clone().requires_grad_()]
     out = _toy_embeddings(*params, x, y, scale)
-    fedlarge.weighted_clip_loss(out.logits_per_image, weights).backward()
+    objective.weighted_clip_loss(out.logits_per_image, weights).backward()
     assert params[0].grad.abs().max() > 0.01
     for grads in per_rank:  # both ranks hold the same averaged gradient
         for g, p in zip(grads, params):
@@ -380,7 +391,7 @@ def test_deepspeed_zero2_over_two_ranks_gives_the_torch_adapter(ray_cluster, ext
              "algorithm.options.rank_num_cpus": 0.5}
     engine = run(tiny_cfg(**keep, **group), tmp_path / "zero2x2")
     worker = engine.pool.worker
-    ranks = worker.resident.group
+    ranks = worker.group
     assert len(set(ranks.pids)) == 2 and os.getpid() not in ranks.pids  # two processes of their own
     assert ray_cluster.available_resources().get("CPU", 0) == pytest.approx(free - 1.0)
     kept = worker.store.get(0, 2)["optimizer"]
@@ -415,9 +426,9 @@ def test_quality_scores_find_shuffled_captions():
     bad, good, dropped_bad, dropped = [], [], 0, 0
     for c in (0, 1, 2):
         rows = algo.data.client_partition[c]
-        scores = fedlarge.pair_scores(res.model, algo.data.client(c), 256, res.device)
+        scores = quality.pair_scores(res.model, algo.data.client(c), 256, res.device)
         wrong = torch.from_numpy(algo.data.mismatched[rows])
-        drop = fedlarge.quality_weights(scores, algo.opts) == 0
+        drop = quality.quality_weights(scores, algo.lora.quality) == 0
         bad += scores[wrong].tolist()
         good += scores[~wrong].tolist()
         dropped += int(drop.sum())
@@ -428,24 +439,24 @@ def test_quality_scores_find_shuffled_captions():
     assert dropped_bad / dropped > 0.5
     assert dropped_bad / dropped > 1.8 * len(bad) / (len(bad) + len(good))
     # weighting keeps every pair but trusts low scorers less
-    w = fedlarge.quality_weights(scores, fedlarge.Options(quality="weight"))
+    w = quality.quality_weights(scores, QualityConfig(mode="weight"))
     assert (w > 0).all() and w[scores.argmin()] < w[scores.argmax()]
 
 
 def test_quality_weights_by_hand():
     scores = torch.tensor([0.1, 0.2, -0.05, 0.3, 0.4])
     # threshold 0: only the pair scoring below an average other caption goes
-    keep = fedlarge.quality_weights(scores, fedlarge.Options(quality="filter", filter_threshold=0.0))
+    keep = quality.quality_weights(scores, QualityConfig(mode="filter", filter_threshold=0.0))
     assert keep.tolist() == [1, 1, 0, 1, 1]
     # lowest 30%: the 0.3 quantile of [-0.05, 0.1, 0.2, 0.3, 0.4] is 0.1 + 0.2 * 0.1 = 0.12,
     # so a clean pair (0.1) goes too
-    keep = fedlarge.quality_weights(scores, fedlarge.Options(quality="filter", filter_fraction=0.3))
+    keep = quality.quality_weights(scores, QualityConfig(mode="filter", filter_fraction=0.3))
     assert keep.tolist() == [0, 1, 0, 1, 1]
     # all below the threshold: the two best stay (a contrastive batch needs two pairs)
-    at_zero = fedlarge.Options(quality="filter", filter_threshold=0.0)
-    assert fedlarge.quality_weights(torch.tensor([-0.1, -0.3, -0.2]), at_zero).tolist() == [1, 0, 1]
+    at_zero = QualityConfig(mode="filter", filter_threshold=0.0)
+    assert quality.quality_weights(torch.tensor([-0.1, -0.3, -0.2]), at_zero).tolist() == [1, 0, 1]
     # weight: sigmoid(score / 0.05) around threshold 0: 0.1 -> sigmoid(2), -0.05 -> sigmoid(-1)
-    w = fedlarge.quality_weights(scores, fedlarge.Options(quality="weight", filter_threshold=0.0))
+    w = quality.quality_weights(scores, QualityConfig(mode="weight", filter_threshold=0.0))
     torch.testing.assert_close(w[[0, 2]], torch.tensor([0.880797, 0.268941]))
 
 
@@ -480,9 +491,9 @@ def test_count_sketch_keeps_cosines():
     b = {k: v + 0.7 * torch.randn(v.shape, generator=gen) for k, v in a.items()}
     flat = lambda t: torch.cat([t[k].reshape(-1) for k in sorted(t)])  # noqa: E731
     exact = torch.nn.functional.cosine_similarity(flat(a), flat(b), dim=0).item()
-    sketch = fedlarge.CountSketch(a, 1024, seed=0)
+    sketch = contribution.CountSketch(a, 1024, seed=0)
     approx = torch.nn.functional.cosine_similarity(sketch(a), sketch(b), dim=0).item()
     assert abs(approx - exact) < 0.05
-    assert fedlarge.CountSketch(a, 10**6, seed=0).exact
+    assert contribution.CountSketch(a, 10**6, seed=0).exact
     # linear: the sketch of an update is the difference of sketches
     torch.testing.assert_close(sketch({k: b[k] - a[k] for k in a}), sketch(b) - sketch(a))

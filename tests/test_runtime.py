@@ -202,7 +202,7 @@ def test_final_adapter_loads_with_peft_and_reproduces_final_metrics(tmp_path):
     from models.clip import load_dual_encoder
     from raysim.config import load_config
     from raysim.data import FederatedData
-    from raysim.vlm_lora import evaluate_dual_encoder
+    from raysim.lora.evaluate import evaluate_dual_encoder
 
     out = run(tmp_path, "final")
     model = PeftModel.from_pretrained(load_dual_encoder(str(out / "base_model")), str(out / "adapter"))

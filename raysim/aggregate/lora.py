@@ -69,12 +69,8 @@ def _check_2d(prefix: str, a: torch.Tensor, b: torch.Tensor) -> None:
 # --------------------------------------------------------------------------- "product" aggregation
 
 
-def product_add(acc: WeightedSum, tensors: Tensors, weight: float, scaling: float) -> WeightedSum:
-    """Fold ``weight * scaling * B @ A`` per module (key ``prefix + ".delta"``) plus plain tensors.
-
-    Averaging the dense deltas is exact whatever each client's rank is, unlike averaging
-    A and B separately (mean(B) @ mean(A) != mean(B @ A)). Updates ``acc`` in place.
-    """
+def dense_products(tensors: Tensors, scaling: float) -> Tensors:
+    """``scaling * B @ A`` per module (key ``prefix + ".delta"``, float64) plus the plain tensors."""
     lora, dense = split_lora(tensors)
     for prefix, (a, b) in lora.items():
         _check_2d(prefix, a, b)
@@ -82,7 +78,16 @@ def product_add(acc: WeightedSum, tensors: Tensors, weight: float, scaling: floa
         if key in dense:
             raise ValueError(f"plain key {key!r} collides with a LoRA delta key")
         dense[key] = scaling * (b.detach().to(torch.float64) @ a.detach().to(torch.float64))
-    return ws_add(acc, dense, weight)
+    return dense
+
+
+def product_add(acc: WeightedSum, tensors: Tensors, weight: float, scaling: float) -> WeightedSum:
+    """Fold ``weight * scaling * B @ A`` per module (dense_products) plus plain tensors.
+
+    Averaging the dense deltas is exact whatever each client's rank is, unlike averaging
+    A and B separately (mean(B) @ mean(A) != mean(B @ A)). Updates ``acc`` in place.
+    """
+    return ws_add(acc, dense_products(tensors, scaling), weight)
 
 
 def refactor(delta: torch.Tensor, rank: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -318,7 +318,7 @@ def retrieval_metrics(model: hetero.HeteroModel, data: FederatedData, batch_size
     """Image<->text Recall@1/5 and zero-shot digit accuracy on the test split.
 
     Captions repeat, and identical captions cannot be told apart, so (as in
-    raysim.vlm_lora) a retrieved item is a hit when its caption text equals the query's
+    raysim.lora.evaluate) a retrieved item is a hit when its caption text equals the query's
     own. Image->text ranks the distinct captions: identical captions have identical
     features, so ranking all copies would fill the top 5 with one caption and make
     R@5 equal R@1. R@1 is the same either way."""

@@ -29,6 +29,7 @@ from actors.protocol import (
     Tensors,
     bytes_down,
     client_cost,
+    rank_group_spec,
 )
 from raysim.config import ExperimentConfig
 from raysim.guard import screening
@@ -73,6 +74,9 @@ class Guarded:
 
     def bytes_down(self, msg: Broadcast, client_id: int) -> int:
         return bytes_down(self.inner, msg, client_id)
+
+    def rank_group(self):
+        return rank_group_spec(self.inner)
 
     def client_cost(self, client_id: int) -> float:
         return client_cost(self.inner, client_id)
