@@ -89,7 +89,7 @@ def render(args: list[str]) -> str:
     return k8s.render(
         ns.config, ns.overrides, ns.image, workers=ns.workers, gpus_per_worker=ns.gpus_per_worker,
         memory_per_worker_gib=ns.memory_per_worker, pvc=ns.pvc, backoff_limit=ns.backoff_limit,
-        run_root=ns.run_root, env_secret=ns.env_secret,
+        run_root=ns.run_root, env_secret=ns.env_secret, operator_namespace=ns.operator_namespace,
     )  # fmt: skip
 
 
@@ -201,7 +201,7 @@ def test_every_manifest_validates_against_the_kuberay_crds(documents, crd_valida
             kinds.add(doc["kind"])
             if (doc["apiVersion"], doc["kind"]) in crd_validators:
                 assert crd_errors(crd_validators, doc) == [], (source, doc["kind"])
-    assert kinds == {"RayCluster", "RayJob", "ConfigMap", "PersistentVolumeClaim"}
+    assert kinds == {"RayCluster", "RayJob", "ConfigMap", "PersistentVolumeClaim", "NetworkPolicy"}
 
 
 def test_core_kinds_and_pod_templates_validate_against_kubernetes(documents, core_validate):
@@ -491,3 +491,31 @@ def test_dockerfile_installs_the_pinned_torch_and_the_project_like_ci():
     assert "install -q -c constraints.txt -e '.[test]'" in (ROOT / "Makefile").read_text()
     assert re.search(r"^USER 1000:1000$", text, re.M) and k8s.UID == 1000
     assert f"ray{RAY}" in text  # the documented tag
+
+
+def test_the_job_is_closed_to_other_pods_and_runs_without_a_token_or_a_writable_root():
+    """Only the job's own pods (and the operator, on the dashboard port) reach its Ray; Ray
+    asks for its token; no pod holds a service-account token or writes its root filesystem."""
+    docs = load_docs(render(EXAMPLE_ARGS))
+    (job,) = [d for d in docs if d["kind"] == "RayJob"]
+    (policy,) = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    labels = job["metadata"]["labels"]
+    assert job["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token"}
+    assert policy["spec"]["podSelector"] == {"matchLabels": labels} and policy["spec"]["policyTypes"] == ["Ingress"]
+    own, operator = policy["spec"]["ingress"]
+    assert own == {"from": [{"podSelector": {"matchLabels": labels}}]}
+    assert operator["ports"] == [{"protocol": "TCP", "port": 8265}]
+    assert operator["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kuberay-system"}}}]
+    templates = list(pod_templates(job))
+    assert len(templates) == 3  # head, the workers, the submitter
+    for template in templates:
+        assert labels.items() <= template["metadata"]["labels"].items()  # what the policy admits
+        spec = template["spec"]
+        assert spec["automountServiceAccountToken"] is False
+        assert {"name": "tmp", "emptyDir": {}} in spec["volumes"]
+        for c in spec["containers"]:
+            assert c["securityContext"]["readOnlyRootFilesystem"] is True
+            assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
+    other = load_docs(render([*EXAMPLE_ARGS, "--operator-namespace", "ray-ops"]))
+    (policy,) = [d for d in other if d["kind"] == "NetworkPolicy"]
+    assert policy["spec"]["ingress"][1]["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] == "ray-ops"

@@ -33,6 +33,7 @@ EXIT_BAD_INPUT = 2
 UID = 1000  # the `ray` user of the Dockerfile
 CONFIG_MOUNT = "/config"
 STORAGE_MOUNT = "/storage"
+DEFAULT_OPERATOR_NAMESPACE = "kuberay-system"  # where docs/kubernetes.md installs it
 DEFAULT_PVC = "raysim-storage"
 DEFAULT_RUN_ROOT = f"{STORAGE_MOUNT}/runs"
 # Per-pod headroom on top of what the actors need: raylet, object store, log monitor, agent.
@@ -78,6 +79,10 @@ def add_commands(subparsers) -> None:
         "--env-secret", metavar="NAME", help="a Secret whose keys become environment variables of every Ray pod "
         "(e.g. AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for an s3:// --run-root)",
     )  # fmt: skip
+    render_p.add_argument(
+        "--operator-namespace", default=DEFAULT_OPERATOR_NAMESPACE,
+        help=f"namespace of the KubeRay operator, which the NetworkPolicy lets reach the dashboard (default {DEFAULT_OPERATOR_NAMESPACE})",
+    )  # fmt: skip
     render_p.add_argument("--out", help="write the manifest here (default: stdout)")
     k8s.set_defaults(handler=run_command)
 
@@ -89,7 +94,7 @@ def run_command(args: argparse.Namespace) -> int:
         text = render(
             args.config, args.overrides, args.image, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
             memory_per_worker_gib=args.memory_per_worker, pvc=args.pvc, backoff_limit=args.backoff_limit,
-            run_root=args.run_root, env_secret=args.env_secret,
+            run_root=args.run_root, env_secret=args.env_secret, operator_namespace=args.operator_namespace,
         )  # fmt: skip
     except (RenderError, ConfigError) as err:
         print(f"raysim: error: {err}", file=sys.stderr)
@@ -383,13 +388,56 @@ def manifests(
             "submitterPodTemplate": _submitter(image),
             "rayClusterSpec": {
                 "rayVersion": ray_version(),
+                # Ray's token authentication (Ray >= 2.52; the operator makes the Secret and
+                # gives every Ray container the token: KubeRay >= 1.5.1): without it anyone
+                # who reaches the dashboard or the GCS can run code with the job's credentials.
+                "authOptions": {"mode": "token"},
                 "enableInTreeAutoscaling": False,
                 "headGroupSpec": _head_group(image, pvc, f"{name}-config", env_secret),
                 "workerGroupSpecs": specs,
             },
         },
     }
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    for template in [cluster["headGroupSpec"]["template"], *(g["template"] for g in specs), rayjob["spec"]["submitterPodTemplate"]]:
+        _harden(template, labels)
     return config_map, rayjob, layouts
+
+
+def _harden(template: dict, experiment_labels: dict) -> None:
+    """What every pod of a job gets: its experiment's labels (the NetworkPolicy admits only
+    them), no service-account token (nothing in a pod talks to the Kubernetes API), and a
+    read-only root filesystem with a writable /tmp (Ray's session files; HOME's caches)."""
+    meta = template.setdefault("metadata", {})
+    meta["labels"] = {**meta.get("labels", {}), **experiment_labels}
+    spec = template["spec"]
+    spec["automountServiceAccountToken"] = False
+    spec.setdefault("volumes", []).append({"name": "tmp", "emptyDir": {}})
+    for c in spec["containers"]:
+        c["securityContext"]["readOnlyRootFilesystem"] = True
+        c.setdefault("volumeMounts", []).append({"name": "tmp", "mountPath": "/tmp"})
+        c.setdefault("env", []).append({"name": "HOME", "value": "/tmp"})
+
+
+def network_policy(name: str, labels: dict, operator_namespace: str) -> dict:
+    """Ingress to the job's pods only from the job's own pods (head, workers, the submitter)
+    and, on the dashboard port, from the KubeRay operator, which polls the job's status."""
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": f"{name}-ray", "labels": labels},
+        "spec": {
+            "podSelector": {"matchLabels": labels},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [{"podSelector": {"matchLabels": labels}}]},
+                {
+                    "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": operator_namespace}}}],
+                    "ports": [{"protocol": "TCP", "port": 8265}],
+                },
+            ],
+        },
+    }
 
 
 class _Dumper(yaml.SafeDumper):
@@ -417,8 +465,10 @@ def render(
     backoff_limit: int = 3,
     run_root: str = DEFAULT_RUN_ROOT,
     env_secret: str | None = None,
+    operator_namespace: str = DEFAULT_OPERATOR_NAMESPACE,
 ) -> str:
-    """The ConfigMap + RayJob YAML for an experiment (raises ConfigError / RenderError)."""
+    """The ConfigMap + RayJob + NetworkPolicy YAML for an experiment (raises ConfigError /
+    RenderError)."""
     _check_image(image)
     if memory_per_worker_gib <= 0 or backoff_limit < 0:
         raise RenderError("--memory-per-worker must be > 0 and --backoff-limit >= 0")
@@ -427,6 +477,8 @@ def render(
             f"--run-root {run_root!r} must be an absolute path in the pods (e.g. {DEFAULT_RUN_ROOT} on the claim) "
             "or a filesystem URL such as s3://bucket/runs"
         )
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", operator_namespace):
+        raise RenderError(f"--operator-namespace {operator_namespace!r} is not a Kubernetes namespace name")
     if env_secret is not None and not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", env_secret):
         raise RenderError(f"--env-secret {env_secret!r} is not a Kubernetes Secret name (lowercase letters, digits, '-', '.')")
     cfg, raw, applied = _experiment(config_path, list(overrides), workers, gpus_per_worker)
@@ -446,7 +498,8 @@ def render(
         f"# Run directory {run_root.rstrip('/')}/{rayjob['metadata']['name']}: a retry resumes it (--auto-resume)"
         + (f"; environment from Secret {env_secret!r}.\n" if env_secret else ".\n")
     )
-    return header + dump([config_map, rayjob])
+    policy = network_policy(rayjob["metadata"]["name"], rayjob["metadata"]["labels"], operator_namespace)
+    return header + dump([config_map, rayjob, policy])
 
 
 def main(argv: list[str] | None = None) -> int:
