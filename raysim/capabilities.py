@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from actors.protocol import ConfigProblems, GuardableUpdates, HeterogeneousRanks, LoraAggregation
+from actors.protocol import ConfigProblems, DataPartition, GuardableUpdates, HeterogeneousRanks, LoraAggregation
 from raysim.config import ConfigError, ExperimentConfig
 
 GUARD = "its clients return tensors shaped like what they were sent (GuardableUpdates: client_reference)"
@@ -52,6 +52,12 @@ def problems(cfg: ExperimentConfig, algorithm) -> list[str]:
             f"algorithm.lora_aggregation: '{cfg.algorithm.lora_aggregation}' (algorithm '{name}') cannot be combined with privacy.dp, "
             "privacy.secure_aggregation or a robust.rule other than mean, which combine updates factor by factor; "
             "use 'factors' or drop those options"
+        )
+    readable = algorithm.datasets() if isinstance(algorithm, DataPartition) else ("digits",)
+    if cfg.data.dataset not in readable:
+        out.append(
+            f"data.dataset: algorithm '{name}' trains on {' or '.join(readable)} only, not '{cfg.data.dataset}'; "
+            "use one of those, or an algorithm that reads any dataset (fedavg, fedprox)"
         )
     if isinstance(algorithm, ConfigProblems):
         out += algorithm.config_problems()

@@ -47,6 +47,9 @@ class FedAvg(FromConfig):
         save_adapter(self._eval_resident.model, name, state, run_dir / "adapter")
         shutil.copytree(pretrained_base_dir(self.cfg), run_dir / "base_model", dirs_exist_ok=True)
 
+    def datasets(self) -> tuple[str, ...]:
+        return ("digits", "shapes", "local")  # any: it trains on the collated raw examples
+
     # --- worker side ----------------------------------------------------------------
     def build_resident(self) -> vlm_lora.Resident:
         return vlm_lora.build_resident(self.cfg, self.data)
@@ -76,7 +79,8 @@ class FedAvg(FromConfig):
         tensors, metrics = vlm_lora.local_train(
             ctx.resident, self.cfg, ctx.client_id, ctx.seed, start, ctx.state, prox_mu=self.prox_mu
         )
-        return ClientResult(ctx.client_id, len(ctx.resident.data.client_partition[ctx.client_id]), tensors, metrics)
+        # the rows it trained on (data.skip_bad_images may have left some of its partition out)
+        return ClientResult(ctx.client_id, len(ctx.resident.data.client(ctx.client_id)), tensors, metrics)
 
     def zero(self, msg: Broadcast) -> agg.WeightedSum:
         return agg.ws_zero()
