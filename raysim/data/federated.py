@@ -361,8 +361,9 @@ class FederatedData:
             n = len(self.pretrain_idx) if self.kind == "local" else self.cfg.shapes.pretrain_size
             if n < 2:
                 key = "data.pretrain_fraction" if self.kind == "local" else "data.shapes.pretrain_size"
+                where = self.train.where if self.kind == "local" else "the shapes world"
                 raise DataError(
-                    f"the central pre-training split has {n} rows, too few to pre-train the tiny CLIP on; raise {key}, "
+                    f"the central pre-training split of {where} has {n} rows, too few to pre-train the tiny CLIP on; raise {key}, "
                     "or set pretrain.enabled: false (LoRA on a random base stays at chance)"
                 )
 

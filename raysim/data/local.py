@@ -38,8 +38,15 @@ def hf_datasets():
     import datasets
 
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its read errors reach the user as a DataError
     return datasets
+
+
+def _reason(err: BaseException) -> str:
+    """The innermost cause of `err` on one line (datasets wraps a file's parse error)."""
+    while err.__cause__ is not None or err.__context__ is not None:
+        err = err.__cause__ or err.__context__
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"
 
 
 def _hf_cache() -> str:
@@ -78,7 +85,7 @@ def open_splits(path: str, key: str) -> tuple[dict, Path]:
         raise
     except Exception as err:  # noqa: BLE001 - whatever `datasets` raises on a malformed file
         raise DataError(
-            f"{key} {path}: Hugging Face datasets could not read it ({type(err).__name__}: {err}); "
+            f"{key} {path}: Hugging Face datasets could not read it ({_reason(err)}); "
             f"check the file, or give {FORMATS}"
         ) from None
     raise DataError(f"{key} {path} is a directory raysim does not recognise as a dataset; give {FORMATS}")
@@ -182,7 +189,7 @@ def decode_image(value, base_dir: Path):
             raise ValueError("the row holds no image")
         img.load()
     except Exception as err:  # noqa: BLE001 - PIL raises many kinds; all mean "cannot decode"
-        raise BadImage(file, f"{type(err).__name__}: {err}") from None
+        raise BadImage(file, _reason(err)) from None
     return img
 
 
