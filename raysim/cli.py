@@ -111,7 +111,8 @@ def _export(args) -> int:
     from raysim.config import ConfigError, apply_overrides, config_from_dict
     from raysim.data.shapes import ShapesWorld, export_imagefolder
 
-    cfg = config_from_dict(apply_overrides({"data": {"dataset": "shapes"}}, args.overrides), "the overrides")
+    base = {"data": {"dataset": "shapes"}, "clients": {"per_round": 1}}  # no rounds are run: any total will do
+    cfg = config_from_dict(apply_overrides(base, args.overrides), "the overrides")
     if cfg.data.dataset != "shapes":
         raise ConfigError(f"raysim data export shapes writes data.dataset shapes, not '{cfg.data.dataset}'; drop that override")
     out = Path(args.out)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, TypeAdapter, ValidationError, field_validator, model_validator
 
 
 class ConfigError(Exception):
@@ -18,11 +18,24 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+_CLIENT_COUNT = TypeAdapter(Annotated[int, Field(ge=1)])
+
+
 class ClientsConfig(_Strict):
     # auto: with data.partition by_column, one client per distinct value of data.columns.client
     # (resolved when the data is opened: raysim.data.resolve_clients).
-    total: Union[Annotated[int, Field(ge=1)], Literal["auto"]] = Field(50, description="number of (virtual) clients")
+    total: Union[int, Literal["auto"]] = Field(50, description="number of (virtual) clients")
     per_round: int = Field(10, ge=1, description="clients sampled each round")
+
+    @field_validator("total", mode="before")
+    @classmethod
+    def _count_or_auto(cls, value):
+        if value == "auto":
+            return value
+        try:
+            return _CLIENT_COUNT.validate_python(value)
+        except ValidationError as err:  # one message, not one per member of the union
+            raise ValueError(f"{err.errors()[0]['msg']}, or 'auto'") from None
 
 
 class ColumnsConfig(_Strict):

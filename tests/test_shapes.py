@@ -132,7 +132,7 @@ def test_export_writes_an_imagefolder_that_trains_as_local_data(tmp_path, capsys
     lines = [json.loads(x) for x in (out / "train" / "metadata.jsonl").read_text().splitlines()]
     assert len(lines) == 18 and sorted({x["client"] for x in lines}) == [0, 1, 2]
     assert len((out / "test" / "metadata.jsonl").read_text().splitlines()) == 5
-    expected = world(*over).client_scenes(1)
+    expected = world(*over, "clients.per_round=1").client_scenes(1)
     assert [x["caption"] for x in lines if x["client"] == 1] == [s["caption"] for s in expected]
     cfg = load_config(QUICK, ["data.dataset=local", f"data.path={out}", "data.partition=by_column",
                               "data.columns.client=client", "clients.total=auto", "clients.per_round=2"])

@@ -169,7 +169,8 @@ def questions_answers(objects: list[Obj], rng: np.random.Generator) -> tuple[lis
     for o in objects:
         if pairs.count((o.colour, o.shape)) == 1:
             qa.append((f"what size is the {o.colour} {o.shape}", o.size))
-    qa.append((f"is there a {objects[0].colour} {objects[0].shape}", "yes"))
+    largest = max(objects, key=lambda o: o.r)  # the label's object
+    qa.append((f"is there a {largest.colour} {largest.shape}", "yes"))
     absent = [c for c in CLASSES if tuple(c.split()) not in pairs]
     colour, shape = absent[rng.integers(len(absent))].split()
     qa.append((f"is there a {colour} {shape}", "no"))
@@ -273,7 +274,7 @@ class ShapesWorld:
 
 def export_imagefolder(world: ShapesWorld, num_clients: int, out: Path) -> dict[str, int]:
     """Write the clients' scenes (train/, one directory per client) and the test split
-    (test/) as an imagefolder: PNG images and masks plus metadata.jsonl."""
+    (test/, client -1) as an imagefolder: PNG images and masks plus metadata.jsonl."""
     counts = {}
     for split, groups in (
         ("train", ((c, world.client_scenes(c)) for c in range(num_clients))),
@@ -292,9 +293,7 @@ def export_imagefolder(world: ShapesWorld, num_clients: int, out: Path) -> dict[
                     row["mask"].save(root / f"{name}-mask.png")
                     record = {"file_name": f"{name}.png", "mask_file_name": f"{name}-mask.png", "caption": row["caption"],
                               "questions": row["questions"], "answers": row["answers"], "label": CLASSES[row["label"]],
-                              "objects": row["objects"]}
-                    if client is not None:
-                        record["client"] = client
+                              "objects": row["objects"], "client": -1 if client is None else client}  # -1: no client's
                     meta.write(json.dumps(record) + "\n")
                     n += 1
         counts[split] = n
