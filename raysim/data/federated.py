@@ -209,7 +209,6 @@ class FederatedData:
         return self.client_codes
 
     def _open_shapes(self) -> None:
-        from raysim.data.local import Table
         from raysim.data.shapes import CLASSES, PROMPT_TEMPLATE, ShapesWorld, vocabulary
 
         d = self.cfg
@@ -217,7 +216,13 @@ class FederatedData:
         self.class_names = list(CLASSES)
         self.prompt_template = d.prompt_template or PROMPT_TEMPLATE
         self.tokenizer = WordTokenizer([*vocabulary(), *words(self.prompt_template)], self.max_text_len)
-        self._table = lambda rows, where: Table(self.world.dataset(rows), SHAPES_ROLES, where, None)
+
+    def _scenes(self, scenes: list[dict], where: str) -> PairData:
+        """Generated scenes through the path of users' data: an HF Dataset, a Table, the collate."""
+        from raysim.data.local import Table
+
+        table = Table(self.world.dataset(scenes), SHAPES_ROLES, where, None)
+        return self._pairs(table, np.arange(len(table)), None)
 
     # --- clients ---------------------------------------------------------------------
     @cached_property
@@ -261,8 +266,7 @@ class FederatedData:
         cached = self._decoded_clients.get(client_id)
         if cached is None:
             if self.kind == "shapes":
-                table = self._table(self.world.client_scenes(client_id), f"shapes client {client_id}")
-                cached = self._pairs(table, np.arange(len(table)), None)
+                cached = self._scenes(self.world.client_scenes(client_id), f"shapes client {client_id}")
             else:
                 cached = self._pairs(self.train, self.client_partition[client_id], self.label_codes)
             self._decoded_clients[client_id] = cached
@@ -280,8 +284,7 @@ class FederatedData:
         if self.kind == "digits":
             return self.all.subset(self.test_idx)
         if self.kind == "shapes":
-            table = self._table(self.world.scenes("test", 0, self.cfg.shapes.test_size), "the shapes test split")
-            return self._pairs(table, np.arange(len(table)), None)
+            return self._scenes(self.world.scenes("test", 0, self.cfg.shapes.test_size), "the shapes test split")
         return self._pairs(self.test_table, self.test_idx, self.test_label_codes)
 
     @cached_property
@@ -289,9 +292,7 @@ class FederatedData:
         if self.kind == "digits":
             return self.all.subset(self.pretrain_idx)
         if self.kind == "shapes":
-            rows = self.world.scenes("pretrain", 0, self.cfg.shapes.pretrain_size)
-            table = self._table(rows, "the shapes pre-training split")
-            return self._pairs(table, np.arange(len(table)), None)
+            return self._scenes(self.world.scenes("pretrain", 0, self.cfg.shapes.pretrain_size), "the shapes pre-training split")
         return self._pairs(self.train, self.pretrain_idx, self.label_codes)
 
     @cached_property
