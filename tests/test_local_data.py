@@ -131,6 +131,7 @@ def test_every_format_trains_alike_on_ray_workers(tmp_path, formats, ray_cluster
         assert len(summary["peak_rss_mb_by_process"]["workers"]) == 2, name
 
 
+@pytest.mark.slow
 def test_ray_workers_train_on_a_local_dataset_like_local_mode(tmp_path, formats, ray_cluster):
     _, paths = formats
     local = metrics(run(tmp_path, "local", paths["parquet"]))
