@@ -105,7 +105,7 @@ def pick_split(splits: dict, name: str, key: str, path: str):
 # --- what the columns hold ------------------------------------------------------------
 
 def _kind(feature) -> str:
-    """'image', 'path', 'bytes', 'int', 'string', 'class', 'bool', 'float' or another feature name."""
+    """'image', 'bytes', 'int', 'string', 'strings', 'class', 'bool', 'float' or another feature name."""
     ds = hf_datasets()
     if isinstance(feature, ds.Image):
         return "image"
@@ -122,6 +122,8 @@ def _kind(feature) -> str:
         if dtype == "bool":
             return "bool"
         return "float" if dtype.startswith("float") else dtype
+    if isinstance(feature, ds.List) and _kind(feature.feature) == "string":
+        return "strings"  # several per row, e.g. the questions about one image
     if isinstance(feature, dict) and set(feature) >= {"bytes", "path"}:
         return "image"  # {bytes, path} structs without the Image feature's metadata
     return type(feature).__name__
@@ -141,8 +143,8 @@ def check_roles(table, roles: dict[str, str], where: str) -> None:
         wanted = {
             "image": ("image", "string", "bytes"),
             "text": ("string",),
-            "question": ("string",),
-            "answer": ("string",),
+            "question": ("string", "strings"),
+            "answer": ("string", "strings"),
             "label": ("int", "string", "class"),
             "client": ("int", "string", "class"),
         }[role]
@@ -151,6 +153,8 @@ def check_roles(table, roles: dict[str, str], where: str) -> None:
                 "image": "images (as datasets writes them), image bytes or image paths",
                 "label": "integers or strings (one class each)",
                 "client": "integers or strings (one client each)",
+                "question": "strings (or lists of strings)",
+                "answer": "strings (or lists of strings)",
             }.get(role, "strings")
             raise DataError(
                 f"{key}: column '{column}' of {where} holds {features[column]}, but a {role} column must hold {what}; "
