@@ -243,10 +243,10 @@ class FederatedData:
             else:
                 parts = partition_by_column(self.client_codes[pool], self.num_clients)
         except ValueError:
+            share = "data.pretrain_fraction" if self.kind == "local" else "data.pretrain_class_share"
             raise DataError(
                 f"clients.total ({self.num_clients}) exceeds the {len(pool)} rows of {self.train.where} left for clients "
-                f"after the test and pre-training splits; lower clients.total, or data.test_fraction / "
-                f"data.pretrain_fraction"
+                f"after the test and pre-training splits; lower clients.total, or data.test_fraction / {share}"
             ) from None
         parts = [pool[p] for p in parts]
         if d.partition == "by_column":
