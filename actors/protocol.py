@@ -214,6 +214,18 @@ class RunSummary(Protocol):
 
 
 @runtime_checkable
+class DataPartition(Protocol):
+    """Its clients hold the rows the data layer gives them: `partition_record()` (rows per
+    client, a hash of the row ids) is written to the run directory as partition.json, and
+    `datasets()` names the data.dataset values it can train on. Without it: no
+    partition.json, and a data.dataset other than digits is a config error."""
+
+    def partition_record(self) -> dict[str, Any]: ...
+
+    def datasets(self) -> tuple[str, ...]: ...
+
+
+@runtime_checkable
 class ConfigProblems(Protocol):
     """Combinations of settings this algorithm cannot honour, beyond the ones the optional
     groups above cover; each problem names its key. Checked before anything runs."""

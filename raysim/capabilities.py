@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from typing import Callable
 
-from actors.protocol import Algorithm, ConfigProblems, GuardableUpdates, HeterogeneousRanks, LoraAggregation, LoraFineTuning
+from actors.protocol import (
+    Algorithm,
+    ConfigProblems,
+    DataPartition,
+    GuardableUpdates,
+    HeterogeneousRanks,
+    LoraAggregation,
+    LoraFineTuning,
+)
 from raysim.config import CaptionNoise, ConfigError, ExperimentConfig, LoraConfig
 
 GUARD = "returns client updates shaped like what the clients were sent (GuardableUpdates: client_reference)"
@@ -67,6 +75,12 @@ def problems(cfg: ExperimentConfig, algorithm) -> list[str]:
             f"algorithm.lora_aggregation: '{cfg.algorithm.lora_aggregation}' (algorithm '{name}') cannot be combined with privacy.dp, "
             "privacy.secure_aggregation or a robust.rule other than mean, which combine updates factor by factor; "
             "use 'factors' or drop those options"
+        )
+    readable = algorithm.datasets() if isinstance(algorithm, DataPartition) else ("digits",)
+    if cfg.data.dataset not in readable:
+        out.append(
+            f"data.dataset: algorithm '{name}' trains on {' or '.join(readable)} only, not '{cfg.data.dataset}'; "
+            "use one of those, or an algorithm that reads any dataset (fedavg, fedprox)"
         )
     if isinstance(algorithm, ConfigProblems):
         out += algorithm.config_problems()

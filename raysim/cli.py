@@ -1,5 +1,5 @@
-"""`raysim run CONFIG [key=value ...] [--out DIR|URL] [--resume|--auto-resume] [--staging DIR]`
-and `raysim pretrain CONFIG`.
+"""`raysim run CONFIG [key=value ...] [--out DIR|URL] [--resume|--auto-resume] [--staging DIR]`,
+`raysim pretrain CONFIG` and `raysim data export shapes DIR [key=value ...]`.
 
 Bad input (config, overrides, run directory, checkpoints) ends with one clear
 paragraph on stderr and exit code 2, never a traceback."""
@@ -40,6 +40,12 @@ def _parser() -> argparse.ArgumentParser:
     pre = sub.add_parser("pretrain", help="pre-train (or find cached) the base model of a config")
     pre.add_argument("config")
     pre.add_argument("overrides", nargs="*")
+    data = sub.add_parser("data", help="datasets: write the embedded shapes world as an imagefolder")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    export = data_sub.add_parser("export", help="write a dataset as an imagefolder directory (images + metadata.jsonl)")
+    export.add_argument("dataset", choices=["shapes"])
+    export.add_argument("out", metavar="DIR", help="a new (or empty) directory")
+    export.add_argument("overrides", nargs="*", help="config overrides, e.g. clients.total=10 data.shapes.examples_per_client=20")
     from raysim.deploy import jobs, k8s
 
     jobs.add_commands(sub)  # submit, jobs status|logs|stop|list
@@ -74,8 +80,14 @@ def main(argv: list[str] | None = None) -> int:
 
     _stop_on_sigterm()
     try:
+        if args.command == "data":
+            return _export(args)
         # The algorithm's options are checked by _run (in parallel with Ray's start-up).
         cfg = load_config(args.config, args.overrides)
+        if cfg.data.dataset != "digits":  # open and check the data (every image once) before Ray starts
+            from raysim.data import prepare
+
+            cfg, _ = prepare(cfg)
         if args.command == "pretrain":
             from raysim.algorithms import options_of
 
@@ -160,6 +172,27 @@ def _pretrain(cfg) -> int:
     # On the LoRA path the base follows lora.base (e.g. the MiniLM dual encoder).
     path = algorithm.base_dir if isinstance(algorithm, LoraFineTuning) else pretrained_base_dir(cfg)
     print(f"base model: {path} ({time.perf_counter() - t0:.1f}s)")
+    return 0
+
+
+def _export(args) -> int:
+    from raysim.config import ConfigError, apply_overrides, config_from_dict
+    from raysim.data.shapes import ShapesWorld, export_imagefolder
+
+    base = {"data": {"dataset": "shapes"}, "clients": {"per_round": 1}}  # no rounds are run: any total will do
+    cfg = config_from_dict(apply_overrides(base, args.overrides), "the overrides")
+    if cfg.data.dataset != "shapes":
+        raise ConfigError(f"raysim data export shapes writes data.dataset shapes, not '{cfg.data.dataset}'; drop that override")
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{out} is not an empty directory; choose a new one (nothing there was changed)")
+    t0 = time.perf_counter()
+    counts = export_imagefolder(ShapesWorld(cfg.seed, cfg.data), cfg.clients.total, out)
+    print(
+        f"wrote {counts['train']} scenes of {cfg.clients.total} clients to {out / 'train'} and {counts['test']} test scenes "
+        f"to {out / 'test'} ({time.perf_counter() - t0:.1f}s). Train on them with: data.dataset=local data.path={out} "
+        "data.partition=by_column data.columns.client=client clients.total=auto"
+    )
     return 0
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, TypeAdapter, ValidationError, field_validator, model_validator
 
 
 class ConfigError(Exception):
@@ -18,28 +18,120 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+_CLIENT_COUNT = TypeAdapter(Annotated[int, Field(ge=1)])
+
+
 class ClientsConfig(_Strict):
-    total: int = Field(50, ge=1, description="number of (virtual) clients")
+    # auto: with data.partition by_column, one client per distinct value of data.columns.client
+    # (resolved when the data is opened: raysim.data.resolve_clients).
+    total: Union[int, Literal["auto"]] = Field(50, description="number of (virtual) clients")
     per_round: int = Field(10, ge=1, description="clients sampled each round")
+
+    @field_validator("total", mode="before")
+    @classmethod
+    def _count_or_auto(cls, value):
+        if value == "auto":
+            return value
+        try:
+            return _CLIENT_COUNT.validate_python(value)
+        except ValidationError as err:  # one message, not one per member of the union
+            raise ValueError(f"{err.errors()[0]['msg']}, or 'auto'") from None
+
+
+class ColumnsConfig(_Strict):
+    """Which column of a local dataset plays which role; a role set to null is absent."""
+
+    image: str = "image"
+    text: Optional[str] = "caption"  # contrastive and captioning objectives
+    question: Optional[str] = None  # VQA-style objectives
+    answer: Optional[str] = None
+    label: Optional[str] = "label"  # Dirichlet skew and zero-shot prompts; integers or strings
+    client: Optional[str] = None  # the natural partition (data.partition by_column)
+
+
+class ShapesConfig(_Strict):
+    """The procedurally generated world (raysim/data/shapes.py)."""
+
+    examples_per_client: int = Field(32, ge=1, description="scenes each client holds, whatever clients.total")
+    # 0: every client draws the same style; up to 1: a per-client tint, texture, noise and
+    # rotation of growing strength (feature skew).
+    domain_shift: float = Field(0.0, ge=0, le=1)
+    max_objects: int = Field(3, ge=1, le=3)
+    test_size: int = Field(500, ge=1, description="scenes of the test split (no client holds them)")
+    pretrain_size: int = Field(1000, ge=0, description="scenes of the central pre-training split")
+
+
+DATASET_KEYS = {  # keys that only some datasets read: setting one for another is an error
+    "path": ("local",),
+    "test_path": ("local",),
+    "columns": ("local",),
+    "pretrain_fraction": ("local",),
+    "skip_bad_images": ("local",),
+    "pretrain_class_share": ("digits",),
+    "shapes": ("shapes",),
+}
 
 
 class DataConfig(_Strict):
-    dataset: Literal["digits"] = "digits"
+    # digits: scikit-learn's 8x8 digits with generated captions; shapes: procedurally generated
+    # scenes (raysim/data/shapes.py); local: a dataset on local disk read by Hugging Face datasets.
+    dataset: Literal["digits", "shapes", "local"] = "digits"
+    path: Optional[str] = None  # local: an imagefolder / save_to_disk directory, or a .parquet/.jsonl/.csv file
+    test_path: Optional[str] = None  # local: else the 'test' split of path, else test_fraction of path
+    columns: ColumnsConfig = ColumnsConfig()
     image_size: int = Field(32, ge=8, le=224)
-    partition: Literal["iid", "dirichlet"] = "dirichlet"
+    partition: Literal["iid", "dirichlet", "by_column", "quantity"] = "dirichlet"
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (label skew)")
+    # quantity: client sizes are proportional to draws of a Pareto law with this shape (smaller: more skewed).
+    quantity_exponent: float = Field(1.5, gt=0)
     test_fraction: float = Field(0.2, gt=0, lt=1)
     # Share of each class's non-test examples held out for central pre-training (clients
     # never see them): skewed towards digits 0-4 so federated training has something to
     # learn, with a few of every class because a base that never saw a class barely learns it.
     pretrain_class_share: list[float] = Field(default_factory=lambda: [0.55] * 5 + [0.05] * 5)
+    # local: share of the non-test rows held out for central pre-training (clients never see them).
+    pretrain_fraction: float = Field(0.2, ge=0, lt=1)
+    # Zero-shot class prompt, "{}" standing for the class name; null: the dataset's own
+    # ("a photo of the digit {}", "a large {}" for shapes, "a photo of a {}" for local data).
+    prompt_template: Optional[str] = None
+    skip_bad_images: bool = False  # local: skip rows whose image cannot be decoded (counted in summary.json)
+    shapes: ShapesConfig = ShapesConfig()
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
+        problems = []
         if len(self.pretrain_class_share) != 10 or not all(0 <= s < 1 for s in self.pretrain_class_share):
-            raise ValueError(
+            problems.append(
                 f"data.pretrain_class_share needs 10 shares in [0, 1), one per digit, got {self.pretrain_class_share}"
             )
+        for key, datasets in DATASET_KEYS.items():
+            # A saved config.yaml lists every key with its default: only a changed value counts.
+            default = type(self).model_fields[key].get_default(call_default_factory=True)
+            if self.dataset not in datasets and getattr(self, key) != default:
+                problems.append(
+                    f"data.{key} is read only with data.dataset {' or '.join(datasets)}, not '{self.dataset}'; remove it"
+                )
+        if self.dataset == "local" and not self.path:
+            problems.append("data.dataset 'local' needs data.path (a dataset directory or a .parquet/.jsonl/.csv file)")
+        if self.partition == "by_column" and (self.dataset != "local" or not self.columns.client):
+            problems.append(
+                "data.partition 'by_column' needs data.columns.client, the column whose values are the clients "
+                "(data.dataset local)"
+                if self.dataset == "local"
+                else f"data.partition 'by_column' needs a client column, which data.dataset '{self.dataset}' does not have; "
+                "use iid, dirichlet or quantity"
+            )
+        if self.dataset == "shapes" and self.partition not in ("iid", "dirichlet"):
+            problems.append(
+                f"data.partition '{self.partition}' does not apply to data.dataset shapes, whose every client holds "
+                "data.shapes.examples_per_client scenes; use iid or dirichlet (label skew)"
+            )
+        if self.dataset == "shapes" and self.image_size < 32:
+            problems.append(f"data.image_size {self.image_size}: shapes scenes are at least 32x32; use 32 or more")
+        if self.prompt_template is not None and self.prompt_template.count("{}") != 1:
+            problems.append(f"data.prompt_template needs exactly one '{{}}' (the class name), got {self.prompt_template!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
 
@@ -405,7 +497,12 @@ class ExperimentConfig(_Strict):
     @model_validator(mode="after")
     def _cross_checks(self) -> "ExperimentConfig":
         problems = []
-        if self.clients.per_round > self.clients.total:
+        if self.clients.total == "auto" and self.data.partition != "by_column":
+            problems.append(
+                "clients.total 'auto' counts the distinct values of data.columns.client, so it needs "
+                f"data.partition by_column (got '{self.data.partition}'); give clients.total a number"
+            )
+        elif self.clients.total != "auto" and self.clients.per_round > self.clients.total:
             problems.append(
                 f"clients.per_round ({self.clients.per_round}) exceeds clients.total "
                 f"({self.clients.total}); sample at most as many clients as exist"

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -16,12 +15,9 @@ import torch
 from filelock import FileLock
 
 from models.clip import build_tiny_clip, contrastive_loss, tiny_clip_config
+from raysim.cache import cache_root
 from raysim.config import ExperimentConfig, MiniLMBaseConfig
-from raysim.data import BOS, EOS, PAD, FederatedData
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("RAYSIM_CACHE", Path.home() / ".cache" / "raysim"))
+from raysim.data import BOS, EOS, PAD, FederatedData, data_key
 
 
 def base_config(cfg: ExperimentConfig, data: FederatedData):
@@ -47,7 +43,7 @@ def pretrain_key(cfg: ExperimentConfig) -> str:
     # seed; not on rounds, clients, LoRA or runtime.
     d = cfg.to_dict()
     sub = {k: d[k] for k in ("model", "pretrain", "seed")}
-    sub["data"] = {k: d["data"][k] for k in ("dataset", "image_size", "test_fraction", "pretrain_class_share")}
+    sub["data"] = data_key(cfg)
     return hashlib.sha256(json.dumps(sub, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -22,3 +22,10 @@ class FromConfig:
     @cached_property
     def data(self) -> FederatedData:
         return FederatedData(self.cfg)
+
+    def partition_record(self) -> dict:
+        return self.data.partition_record()
+
+    def datasets(self) -> tuple[str, ...]:
+        """The data.dataset values it trains on: the digits unless it says otherwise."""
+        return ("digits",)

@@ -17,5 +17,8 @@ class FedAvg(LoraPath):
     def server_update(self, state: Tensors, mean: Tensors) -> Tensors:
         return mean  # the round's example-weighted mean adapter is the new global one
 
+    def datasets(self) -> tuple[str, ...]:
+        return ("digits", "shapes", "local")  # any: it trains on the collated raw examples
+
 
 ALGORITHM = FedAvg

@@ -24,14 +24,16 @@ def evaluate_dual_encoder(model, data: FederatedData, batch_size: int, device=to
             for s in chunks
         ]
     )
-    prompt_ids, prompt_mask = data.class_prompts
-    classes = encode_texts(model, prompt_ids.to(device), prompt_mask.to(device)).cpu()
-    acc = (img @ classes.T).argmax(1).eq(test.labels).float().mean().item()
+    metrics = {}
+    if data.class_prompts is not None:  # None: the data has no labels, so no zero-shot accuracy
+        prompt_ids, prompt_mask = data.class_prompts
+        classes = encode_texts(model, prompt_ids.to(device), prompt_mask.to(device)).cpu()
+        metrics["accuracy"] = (img @ classes.T).argmax(1).eq(test.labels).float().mean().item()
     same_caption = (test.input_ids[:, None, :] == test.input_ids[None, :, :]).all(-1)
     sim = img @ txt.T
     i2t = same_caption[torch.arange(len(test)), sim.argmax(1)].float().mean().item()
     t2i = same_caption[torch.arange(len(test)), sim.T.argmax(1)].float().mean().item()
-    return {"accuracy": acc, "i2t_r1": i2t, "t2i_r1": t2i}
+    return {**metrics, "i2t_r1": i2t, "t2i_r1": t2i}
 
 
 def evaluate_adapter(model, name: str, adapter, data: FederatedData, batch_size: int, device) -> dict[str, float]:

@@ -12,7 +12,7 @@ import time
 from collections import Counter
 
 from actors.pool import LocalPool, RayPool, WorkerGroup
-from actors.protocol import FinalOutputs, RunSummary, load_state_tensors, state_tensors
+from actors.protocol import DataPartition, FinalOutputs, RunSummary, load_state_tensors, state_tensors
 from actors.worker import ClientWorker, peak_rss_mb
 from raysim import algorithms, capabilities
 from raysim.config import ExperimentConfig
@@ -31,6 +31,10 @@ class Engine:
         path or a filesystem URL (`staging`: where a URL's run is worked on); `resume`: True,
         False, or "auto" (resume if `run_dir` holds a run)."""
         self.t_start = time.perf_counter()
+        if cfg.clients.total == "auto":  # the CLI resolves it before Ray starts; direct callers here
+            from raysim.data import prepare
+
+            cfg, _ = prepare(cfg)
         self.cfg = cfg
         self.algorithm = algorithms.load(cfg.algorithm.name)(cfg)
         capabilities.check(cfg, self.algorithm)  # an option it cannot honour fails before anything is written
@@ -66,7 +70,11 @@ class Engine:
             remove_tree(state_root)
         self.pool = _build_pool(cfg, self.guarded, self.groups, client_group, state_root)
         # Actor creation above returns at once; build the driver's state while the workers
-        # start and load their models, then wait for them.
+        # start and load their models, then wait for them. First the data's partition (the
+        # CLI has checked the data before Ray started), recorded in partition.json.
+        self.partition = self.algorithm.partition_record() if isinstance(self.algorithm, DataPartition) else None
+        if self.partition is not None:
+            (self.run.path / "partition.json").write_text(json.dumps(self.partition))
         if self.state is None:
             self.state = self.algorithm.init_server()
         self.pool.start()
@@ -227,6 +235,8 @@ class Engine:
             # Peak of the whole process tree at one moment, shared pages counted once.
             "peak_memory_mb": run_peak_pss_mb,
         }
+        if self.partition is not None and "skipped_bad_images" in self.partition:
+            summary["skipped_bad_images"] = self.partition["skipped_bad_images"]  # data.skip_bad_images
         if self.run.mirror is not None:
             summary["storage_sync_s"] = self.sync_s  # uploads after each checkpoint (not the final one)
         if isinstance(self.algorithm, RunSummary):

@@ -83,7 +83,7 @@ def access_error(url: str, err: BaseException) -> StorageError:
 
 
 def default_staging(url: str) -> Path:
-    from raysim.pretrain import cache_root
+    from raysim.cache import cache_root
 
     return cache_root() / "runs" / hashlib.sha256(url.encode()).hexdigest()[:16]
 
