@@ -268,6 +268,9 @@ def _run(cfg, args) -> int:
 
     console = Console(stderr=False, quiet=args.quiet)
     rt = cfg.runtime
+    if cfg.privacy.dp and cfg.privacy.noise_multiplier == 0:
+        print("raysim: warning: privacy.noise_multiplier 0 clips updates but adds no noise: there is no privacy, "
+              "and epsilon is reported as Infinity", file=sys.stderr)
     if args.timeline and not Path(args.timeline).resolve().parent.is_dir():  # else found only after the run
         raise ConfigError(f"--timeline {args.timeline}: its directory does not exist; create it or choose another path")
     if args.out is not None and not args.out.strip():

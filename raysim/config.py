@@ -429,8 +429,8 @@ class PrivacyConfig(_Strict):
     # to the sum; epsilon per round from dp-accounting's RDP accountant.
     dp: bool = False
     clip_norm: float = Field(1.0, gt=0)
-    # > 0: noise 0 would publish epsilon = infinity, i.e. no privacy at all
-    noise_multiplier: Optional[float] = Field(None, gt=0)
+    # 0: clipping without noise (a reference for experiments); no privacy, and the CLI says so
+    noise_multiplier: Optional[float] = Field(None, ge=0)
     target_epsilon: Optional[float] = Field(None, gt=0, description="calibrate the noise to reach this after all rounds")
     delta: float = Field(1e-5, gt=0, lt=1)
     # SecAgg-style pairwise masking: the driver only sees masked updates and their exact sum.

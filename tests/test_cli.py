@@ -145,7 +145,6 @@ def test_bad_inputs_exit_2_with_one_message_and_nothing_lost(tmp_path, capsys):
         ([q, "algorithm.name=json:Missing"], "algorithm module json defines no Missing"),
         ([q, "algorithm.name=collections:OrderedDict"], "is not an algorithm: it lacks init_server"),
         ([q, "seed=-1"], "seed: Input should be greater than or equal to 0"),
-        ([q, "privacy.dp=true", "privacy.noise_multiplier=0"], "privacy.noise_multiplier: Input should be greater than 0"),
         ([q, "robust.rule=multi_krum", "robust.num_byzantine=3", "clients.per_round=4"], "it can assume at most 1"),
         ([q, "name=../../etc"], "name: String should match pattern"),
         ([q, "--out", str(tmp_path / "a-file")], "is a file, not a directory"),

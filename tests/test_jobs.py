@@ -181,12 +181,12 @@ def test_bad_config_job_fails_with_the_config_error_in_its_logs(ray_head, failin
     stdout, stderr = proc.communicate(timeout=240)
     assert proc.returncode == 1, stdout[-2000:] + stderr[-2000:]
     assert "job raysim-test-bad FAILED, exit code 2" in stderr
-    assert "clients.total: Input should be greater than or equal to 1 (got 0)" in stdout  # followed logs
+    assert "clients.total: Input should be greater than or equal to 1, or 'auto' (got 0)" in stdout  # followed logs
 
     logs = raysim_jobs(ray_head, "jobs", "logs", "raysim-test-bad", "--address", ray_head.url)
     assert logs.returncode == 0
     assert "raysim: error: invalid config configs/quickstart.yaml:" in logs.stdout
-    assert "clients.total: Input should be greater than or equal to 1 (got 0)" in logs.stdout
+    assert "clients.total: Input should be greater than or equal to 1, or 'auto' (got 0)" in logs.stdout
     assert "Traceback" not in logs.stdout
     assert not out.exists()  # rejected before anything was written
 

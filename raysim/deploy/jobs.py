@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 
 EXIT_BAD_INPUT = 2
 EXIT_JOB_FAILED = 1
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # raysim/deploy/jobs.py -> the checkout
 # Anchored gitignore-style patterns (relative to the working_dir): heavy or private
 # things that the job does not need. Ray also honours the project's .gitignore.
 WORKING_DIR_EXCLUDES = ["/.venv", "/runs", "/.cache", "/.git", "__pycache__", "*.egg-info", ".pytest_cache"]

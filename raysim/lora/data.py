@@ -45,11 +45,16 @@ def build_data(cfg: ExperimentConfig, tokenizer) -> FederatedData:
     """`tokenizer`: the base's Hugging Face tokenizer, or None for raysim's word tokenizer.
     `data.mismatched[row]`: the row's caption names another digit than its image."""
     data = FederatedData(cfg)
+    targets, sources = noisy_rows(data, cfg.faults.caption_noise, cfg.seed)
+    if tokenizer is None and not len(targets):
+        # no caption changes, so nothing here needs the images (a local dataset decodes a
+        # client's rows only in the worker that serves it)
+        data.mismatched = np.zeros(1 + max((int(p.max()) for p in data.client_partition if len(p)), default=-1), bool)
+        return data
     if tokenizer is not None:
         data.tokenizer = HFTokenizer(tokenizer, cfg.model.max_text_len)
         ids, mask = data.tokenizer(data.captions)
         data.all = PairData(data.all.images, data.all.labels, ids, mask)
-    targets, sources = noisy_rows(data, cfg.faults.caption_noise, cfg.seed)
     if len(targets):
         a = data.all
         ids, mask = a.input_ids.clone(), a.attention_mask.clone()
